@@ -1,0 +1,1 @@
+"""plug_jax: Persona-Plug (PPlug) personalized LLMs in JAX/Flax."""
