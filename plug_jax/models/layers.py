@@ -1,0 +1,84 @@
+"""Building blocks shared by the model families.
+
+Every parameter carries logical axis names (t5x style); `configs/common.py` maps them to mesh axes.
+Parameter names: "vocab", "embed", "mlp", "q_heads" (query/output projections, heads x head_dim
+joined), "kv_heads" (key/value projections, joined), "heads", "relpos_buckets", "norm".
+Activation names: "batch", "length", "embed", "mlp", "heads", "kv", "vocab".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+NEG_INF = -1e9  # finite, so a fully masked row gives a uniform softmax rather than NaN
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm without bias or mean subtraction (T5 and Llama), computed in f32."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Dense(nn.Module):
+    """A Dense layer whose kernel (and bias) carry logical axis names."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(
+            self.features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(self.kernel_init, self.axes),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+        )(x)
+
+
+def mask_to_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """[batch, q, k] (or broadcastable) boolean mask -> additive bias [batch, 1, q, k]."""
+    return jnp.where(mask[:, None], 0.0, NEG_INF).astype(dtype)
+
+
+def dot_product_attention(q, k, v, bias, scale: float | None = None):
+    """Multi-head attention with grouped key/value heads.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim];
+    bias: additive, broadcastable to [batch, heads, q_len, k_len]. Softmax runs in f32.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    q = q.reshape(batch, q_len, kv_heads, group, head_dim)
+    if scale is not None:
+        q = q * scale
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32)
+    # bias heads axis is 1 (a mask) or `heads` (T5's relative position bias).
+    bias_heads = (1, 1) if bias.shape[1] == 1 else (kv_heads, group)
+    logits = logits + bias.reshape(bias.shape[0], *bias_heads, *bias.shape[-2:])
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
+    return out.reshape(batch, q_len, heads, head_dim)
+
+
+def constrain(x, axes: Sequence[str | None]):
+    """Logical sharding constraint on an activation; a no-op outside a mesh with rules."""
+    return nn.with_logical_constraint(x, tuple(axes))
