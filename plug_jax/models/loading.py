@@ -178,13 +178,13 @@ def load_params(
         name, transform = _resolve(rules, path)
         if name not in source:
             raise CheckpointError(f"{source.describe()}: tensor '{name}' is missing (needed for '{path}')")
-        view = source.read(name)
-        if transform is not None:
-            view = transform(view)
+        stored = source.read(name)
+        view = transform(stored) if transform is not None else stored
         if tuple(view.shape) != tuple(leaf.shape):
+            how = f" ({transform.__name__}: {tuple(view.shape)})" if transform else ""
             raise CheckpointError(
-                    f"{source.describe()}: tensor '{name}' has shape {tuple(view.shape)}, "
-                    f"expected {tuple(leaf.shape)} for '{path}'")
+                f"{source.describe()}: tensor '{name}' has shape {tuple(stored.shape)}{how}, "
+                f"but '{path}' needs {tuple(leaf.shape)}")
         target = np.dtype(dtype or leaf.dtype)
         if path in flat_shardings:
             loaded[path] = jax.make_array_from_callback(
