@@ -277,7 +277,7 @@ def _boxed_params(config: BertConfig, dtype: Dtype):
 
 def abstract_params(config: BertConfig, dtype: Dtype = jnp.float32) -> dict:
     """The parameter tree as unboxed ShapeDtypeStructs (what `load_params` fills)."""
-    return nn.meta.unbox(_boxed_params(config, dtype))
+    return layers.unboxed(_boxed_params(config, dtype))
 
 
 def param_logical_axes(config: BertConfig) -> dict:

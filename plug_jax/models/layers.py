@@ -82,3 +82,10 @@ def dot_product_attention(q, k, v, bias, scale: float | None = None):
 def constrain(x, axes: Sequence[str | None]):
     """Logical sharding constraint on an activation; a no-op outside a mesh with rules."""
     return nn.with_logical_constraint(x, tuple(axes))
+
+
+def unboxed(tree):
+    """Strips logical-partitioning boxes without applying sharding constraints (which `nn.unbox`
+    does under an active mesh, and which abstract shapes cannot take)."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata)
+                        else x, tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))

@@ -1,0 +1,121 @@
+"""Shared configuration of the LaMP tasks; each `configs/lampN.py` calls `lamp_config`.
+
+Two settings:
+  (no arg)  the embedded default: SmolLM2-135M-Instruct (GGUF) + all-MiniLM-L6-v2 + synthetic LaMP
+            data of the task, sized to finish on a 2-core CPU in minutes, fully offline.
+  paper     the paper's setting: Flan-T5-XXL + bge-base-en-v1.5 (CLS), a real LaMP directory, AdamW
+            lr 1e-4, weight decay 1e-4, 5% warmup, batch 64, 2 epochs (LaMP-3: 1), LLM input <= 256
+            tokens, history <= 512 items, beam 4, max new tokens 128 (LaMP-3: 10).
+Single fields override from the command line: --config.optim.lr=3e-4 --config.data.dir=PATH.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Logical axis name -> mesh axes. Parameters shard over fsdp (and tensor for the wide dims);
+# activations' batch over data and fsdp.
+AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("encoder_embed", None),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("heads", "tensor"),
+    ("length", None),
+    ("kv", None),
+    ("norm", None),
+    ("relpos_buckets", None),
+    ("positions", None),
+    ("types", None),
+    ("history", None),
+)
+
+# Per task: max new tokens (paper / default) and whether labels are short.
+_MAX_NEW_TOKENS = {"LaMP_1": 4, "LaMP_2": 8, "LaMP_3": 4, "LaMP_4": 32, "LaMP_5": 32,
+                   "LaMP_7": 48}
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """'paper,steps=10' -> {'paper': True, 'steps': 10}; a bare word sets a boolean flag."""
+    parsed = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"config arg '{key}' is not one of {sorted(defaults)}")
+        parsed[key] = type(defaults[key])(value) if value else True
+    return parsed
+
+
+def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
+    args = parse_arg(arg, paper=False)
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.task = task
+
+    config.data = dict(
+        dir="",                    # a LaMP directory; empty: generate synthetic data (the default)
+        task=task,
+        train_split="train",
+        eval_splits=("dev",),
+        synthetic=dict(num_users=96, examples_per_user=4, profile_size=8, seed=0),
+        max_history=32,            # the most recent items the aggregator attends to
+        max_input_tokens=96,       # LLM input (without soft tokens), truncated from the end
+        max_target_tokens=16,
+        max_query_tokens=96,
+        augment_copies=0,          # extra copies of each training example with history dropped
+        cache_dir="",              # history-embedding cache; empty: <workdir>/cache
+        max_eval_examples=0,       # 0: all
+    )
+    config.llm = dict(
+        path="smollm2",            # 'smollm2' (embedded GGUF), an HF directory, or a .gguf file
+        dtype="float32",           # compute / storage dtype of the frozen LLM
+        soft_token_position="after_chat_header",  # or 'start' (a decoder-only LLM ignores it there)
+    )
+    config.encoder = dict(
+        path="minilm",             # 'minilm' (embedded) or an HF directory (bge-base-en-v1.5, ...)
+        pooling="",                # '' = from the checkpoint (sentence-transformers config), 'cls', 'mean'
+        query_instruction="",
+        max_length=128,
+    )
+    config.plug = dict(projector_hidden=0)
+    config.optim = dict(
+        lr=2e-3,                   # projectors + instruction vector
+        encoder_lr=5e-5,           # the trainable query encoder
+        weight_decay=1e-4,
+        warmup_fraction=0.05,
+        batch_size=8,
+        grad_accum_steps=1,
+        epochs=1.0,
+        max_steps=60,              # 0: run the epochs
+        grad_clip=1.0,
+    )
+    config.decode = dict(method="greedy", num_beams=4, max_new_tokens=_MAX_NEW_TOKENS[task],
+                         eval_batch_size=16)
+    config.mesh = dict(data=-1, fsdp=1, tensor=1)
+    config.axis_rules = AXIS_RULES
+    config.log_every = 5
+
+    if args.paper:
+        config.data.dir = f"data/{task}"
+        config.data.max_history = 512
+        config.data.max_input_tokens = 256
+        config.data.max_target_tokens = 128
+        config.data.max_query_tokens = 512
+        config.data.augment_copies = 10
+        config.llm.path = "google/flan-t5-xxl"  # a local HF directory
+        config.llm.dtype = "bfloat16"
+        config.llm.soft_token_position = "start"
+        config.encoder.path = "BAAI/bge-base-en-v1.5"  # a local HF directory
+        config.encoder.pooling = "cls"
+        config.encoder.query_instruction = "Represent this sentence for searching relevant passages: "
+        config.encoder.max_length = 512
+        config.optim.update(lr=1e-4, encoder_lr=1e-4, weight_decay=1e-4, warmup_fraction=0.05,
+                            batch_size=64, epochs=1.0 if task == "LaMP_3" else 2.0, max_steps=0)
+        config.decode.update(method="beam", num_beams=4,
+                             max_new_tokens=10 if task == "LaMP_3" else 128, eval_batch_size=64)
+        config.mesh = dict(data=1, fsdp=-1, tensor=1)
+        config.log_every = 50
+    return config

@@ -1,0 +1,88 @@
+"""From LaMP examples to fixed-shape training and evaluation batches.
+
+A split is featurized once: LLM tokens (through the frozen LLM's adapter), query-encoder tokens,
+and each example's history as row indices into the frozen history-embedding table, so a 512-item
+history costs 512 ints per example until a batch gathers its vectors. Every array has one fixed
+shape per run, so the jitted step compiles once.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from plug_jax.data.lamp import Example
+from plug_jax.embed import HistoryTable
+from plug_jax.models import bert
+
+
+def round_up(value: int, multiple: int = 8) -> int:
+    return max(multiple, -(-value // multiple) * multiple)
+
+
+def featurize(examples: Sequence[Example], llm, query_tokenizer, table: HistoryTable, *,
+              data_config, query_instruction: str, with_targets: bool,
+              llm_length: int | None = None) -> dict[str, np.ndarray]:
+    """Stacked per-example arrays [N, ...] for one split."""
+    inputs = [e.input for e in examples]
+    targets = [e.target or "" for e in examples] if with_targets else None
+    if llm_length is None:
+        longest = max(llm.prompt_lengths(inputs, data_config.max_input_tokens), default=1)
+        llm_length = round_up(longest + (data_config.max_target_tokens + 1 if with_targets else 0))
+    features = llm.featurize(inputs, targets, max_input_tokens=data_config.max_input_tokens,
+                             max_target_tokens=data_config.max_target_tokens, length=llm_length)
+    queries = [query_instruction + e.query for e in examples]
+    features["query_tokens"], features["query_mask"] = bert.encode_batch(
+        query_tokenizer, queries, data_config.max_query_tokens,
+        length=data_config.max_query_tokens)
+    features["history_rows"] = np.stack(
+        [table.rows(e.history, data_config.max_history) for e in examples]) if examples else \
+        np.zeros((0, data_config.max_history), np.int32)
+    return features
+
+
+def augment(features: dict[str, np.ndarray], copies: int, seed: int) -> dict[str, np.ndarray]:
+    """The reference augmentation: an example whose user has more than 2 history items appears
+    `copies` more times, each with 1..50% of its history dropped at random (order kept)."""
+    if copies <= 0:
+        return features
+    rng = np.random.default_rng(seed)
+    rows = features["history_rows"]
+    eligible = np.flatnonzero((rows >= 0).sum(axis=1) > 2)
+    index = np.concatenate([np.arange(len(rows)), np.repeat(eligible, copies)])
+    new_rows = rows[index].copy()
+    for i in range(len(rows), len(index)):
+        present = np.flatnonzero(new_rows[i] >= 0)
+        drop_count = rng.integers(1, max(1, len(present) // 2) + 1)
+        kept = np.delete(new_rows[i][present], rng.choice(len(present), drop_count, replace=False))
+        new_rows[i] = -1
+        new_rows[i][:len(kept)] = kept
+    out = {name: array[index] for name, array in features.items()}
+    out["history_rows"] = new_rows
+    return out
+
+
+def num_examples(features: dict[str, np.ndarray]) -> int:
+    return len(features["history_rows"])
+
+
+def batches(features: dict[str, np.ndarray], table: HistoryTable, batch_size: int, *,
+            seed: int | None = None, drop_remainder: bool = False,
+            start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Batches with history vectors gathered; shuffled by `seed` (None: in order).
+
+    A last partial batch is padded with copies of the first example and an `example_mask`.
+    """
+    size = num_examples(features)
+    order = np.arange(size) if seed is None else np.random.default_rng(seed).permutation(size)
+    for begin in range(start * batch_size, size, batch_size):
+        index = order[begin:begin + batch_size]
+        if len(index) < batch_size and drop_remainder:
+            return
+        real = len(index)
+        index = np.concatenate([index, np.full(batch_size - real, index[0])])
+        batch = {name: array[index] for name, array in features.items()}
+        batch["history"], batch["history_mask"] = table.lookup(batch.pop("history_rows"))
+        batch["example_mask"] = np.arange(batch_size) < real
+        yield batch

@@ -1,0 +1,125 @@
+"""Evaluates a trained persona plug against the same frozen LLM without personalization.
+
+  python -m plug_jax.evaluate --config configs/lamp3.py --workdir /tmp/pplug_lamp3 [--split dev]
+
+Reads the plug saved by plug_jax.train in the workdir, decodes every question of the split(s)
+(greedy or beam search, as config.decode says), prints a table of LaMP metrics and writes
+predictions in the LaMP outputs format plus `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from plug_jax import checkpoint, decode, metrics
+from plug_jax.data import lamp, pipeline
+
+ZERO_SHOT, PPLUG = "zero-shot", "pplug"
+
+
+def _generate(llm_params, plug_params, batch, *, experiment, decode_config):
+    soft = None
+    if plug_params is not None:
+        soft = experiment.embedder.apply({"params": plug_params}, batch["query_tokens"],
+                                         batch["query_mask"], batch["history"],
+                                         batch["history_mask"])
+    return experiment.llm.generate(llm_params, soft, batch, method=decode_config.method,
+                                   max_new_tokens=decode_config.max_new_tokens,
+                                   num_beams=decode_config.num_beams)
+
+
+def make_generate_fn(experiment):
+    return jax.jit(functools.partial(_generate, experiment=experiment,
+                                     decode_config=experiment.config.decode))
+
+
+def predict(generate_fn, experiment, plug_params, features, *, desc: str) -> list[str]:
+    """Decoded text for every featurized example, in order."""
+    llm, size = experiment.llm, experiment.config.decode.eval_batch_size
+    outputs = []
+    total = pipeline.num_examples(features)
+    with tqdm(total=total, desc=desc, unit="ex", leave=False) as bar:
+        for batch in pipeline.batches(features, experiment.table, size):
+            tokens = np.asarray(generate_fn(experiment.llm_params, plug_params, batch))
+            for row in decode.strip_after_eos(tokens[batch["example_mask"]], llm.eos_id):
+                outputs.append(llm.tokenizer.decode(row).strip())
+            bar.update(int(batch["example_mask"].sum()))
+    return outputs
+
+
+def evaluate(experiment, plug_params, splits: Sequence[str], workdir: str | Path, *,
+             with_zero_shot: bool = True, generate_fn=None,
+             examples_override: dict[str, list[lamp.Example]] | None = None) -> dict:
+    """{method: {split: {metric: value}}} for PPlug (and zero-shot); writes predictions files."""
+    generate_fn = generate_fn or make_generate_fn(experiment)
+    config, task = experiment.config, experiment.task
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for split in splits:
+        examples = (examples_override or experiment.splits)[split]
+        if config.data.max_eval_examples:
+            examples = examples[:config.data.max_eval_examples]
+        features = pipeline.featurize(examples, experiment.llm, experiment.query_tokenizer,
+                                      experiment.table, data_config=config.data,
+                                      query_instruction=config.encoder.query_instruction,
+                                      with_targets=False)
+        golds = [e.target for e in examples]
+        methods = [(PPLUG, plug_params)] + ([(ZERO_SHOT, None)] if with_zero_shot else [])
+        for method, params in methods:
+            outputs = predict(generate_fn, experiment, params, features, desc=f"{method} {split}")
+            lamp.write_predictions(Path(workdir) / f"predictions_{method}_{split}.json", task.name,
+                                   [e.id for e in examples], outputs)
+            if all(g is not None for g in golds):
+                results.setdefault(method, {})[split] = metrics.evaluate(task.name, outputs, golds)
+    return results
+
+
+def format_table(results: dict, task_name: str) -> str:
+    """A plain-text table: one row per method and split, one column per metric."""
+    rows = [(method, split, values) for method, by_split in results.items()
+            for split, values in by_split.items()]
+    if not rows:
+        return "(no split with gold outputs to score)"
+    names = list(rows[0][2])
+    headline = metrics.headline_metric(task_name)
+    lines = [f"{'method':<10} {'split':<8} " + " ".join(f"{n:>9}" for n in names)]
+    for method, split, values in rows:
+        lines.append(f"{method:<10} {split:<8} " + " ".join(f"{values[n]:9.4f}" for n in names))
+    lines.append(f"({headline.name}: {'higher' if headline.higher_is_better else 'lower'} is better)")
+    return "\n".join(lines)
+
+
+def write_metrics(results: dict, workdir: str | Path) -> Path:
+    path = Path(workdir) / "metrics.json"
+    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    from plug_jax import experiment as experiment_lib
+
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    splits = tuple(flags.FLAGS.split) if flags.FLAGS.split else tuple(config.data.eval_splits)
+    experiment = experiment_lib.build(config, workdir, splits=splits)
+    plug_params = checkpoint.load_plug(Path(workdir) / "plug",
+                                       experiment.init_plug_params(jax.random.key(0)))
+    results = evaluate(experiment, plug_params, splits, workdir)
+    print(format_table(results, experiment.task.name))
+    print(f"metrics written to {write_metrics(results, workdir)}")
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "A configs/lampN.py file (':paper' for the paper).")
+    flags.DEFINE_string("workdir", None, "The training run's directory.")
+    flags.DEFINE_multi_string("split", None, "Split(s) to evaluate; default config.data.eval_splits.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

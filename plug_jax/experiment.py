@@ -1,0 +1,100 @@
+"""Everything a run builds from its config before training or evaluating, in one place.
+
+`build(config, workdir)` loads the LaMP splits (or writes the synthetic ones into the workdir), the
+frozen LLM, the sentence encoder, the history-embedding table (cached) and the user embedder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from plug_jax import embed, llm as llm_lib, plug
+from plug_jax.data import lamp, synthetic
+from plug_jax.models import assets, bert
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Experiment:
+    config: ml_collections.ConfigDict
+    task: lamp.Task
+    splits: dict[str, list[lamp.Example]]
+    llm: llm_lib.FrozenLM
+    llm_params: Any
+    encoder_config: bert.BertConfig
+    encoder_params: Any
+    query_tokenizer: Any
+    table: embed.HistoryTable
+    embedder: plug.UserEmbedder
+
+    def init_plug_params(self, rng: jax.Array):
+        """Fresh projectors and instruction vector; the query encoder starts as the encoder."""
+        data = self.config.data
+        params = self.embedder.init(
+            rng, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool),
+            jnp.zeros((1, data.max_history, self.table.width)), jnp.ones((1, data.max_history), bool))
+        params = dict(params["params"])
+        params["query_encoder"] = self.encoder_params
+        return params
+
+
+def data_dir(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+    """The LaMP directory to read; synthetic data is written into the workdir on first use."""
+    if config.data.dir:
+        return Path(config.data.dir)
+    synth = config.data.synthetic
+    directory = Path(workdir) / "data" / f"synthetic_{config.data.task}_seed{synth.seed}"
+    if not (directory / "stats.json").exists():
+        synthetic.write_lamp_dir(directory, config.data.task, num_users=synth.num_users,
+                                 examples_per_user=synth.examples_per_user,
+                                 profile_size=synth.profile_size, seed=synth.seed)
+    return directory
+
+
+def load_splits(config: ml_collections.ConfigDict, workdir: str | Path,
+                splits: tuple[str, ...]) -> dict[str, list[lamp.Example]]:
+    directory = data_dir(config, workdir)
+    return {split: lamp.load_split(directory, split, config.data.task) for split in splits}
+
+
+def _encoder_dir(path: str) -> Path:
+    return assets.minilm_dir() if path == "minilm" else Path(path)
+
+
+def build(config: ml_collections.ConfigDict, workdir: str | Path,
+          splits: tuple[str, ...] | None = None, progress: bool = True) -> Experiment:
+    data = config.data
+    if splits is None:
+        splits = (data.train_split,) + tuple(data.eval_splits)
+    examples = load_splits(config, workdir, splits)
+
+    llm, llm_params = llm_lib.load_llm(config.llm.path, _DTYPES[config.llm.dtype],
+                                       config.llm.soft_token_position)
+
+    encoder_dir = _encoder_dir(config.encoder.path)
+    pooling = config.encoder.pooling or None
+    encoder_config, encoder_params = bert.load_bert(encoder_dir, jnp.float32, pooling)
+    history_encoder = bert.SentenceEncoder(encoder_config, encoder_params,
+                                           bert.bert_tokenizer(encoder_dir),
+                                           max_length=config.encoder.max_length)
+    encoder_id = f"{encoder_dir.resolve()}|{encoder_config.pooling}|{config.encoder.max_length}"
+    cache_dir = data.cache_dir or Path(workdir) / "cache"
+    table = embed.build_history_table((e.history for split in examples.values() for e in split),
+                                      history_encoder, encoder_config.hidden_size, encoder_id,
+                                      cache_dir, progress=progress)
+
+    embedder = plug.UserEmbedder(
+        encoder_config=encoder_config, llm_width=llm.width,
+        soft_token_rms=plug.embedding_rms(llm.embedding_table(llm_params)),
+        projector_hidden=config.plug.projector_hidden)
+    return Experiment(config=config, task=lamp.get_task(data.task), splits=examples, llm=llm,
+                      llm_params=llm_params, encoder_config=encoder_config,
+                      encoder_params=encoder_params, query_tokenizer=bert.bert_tokenizer(encoder_dir),
+                      table=table, embedder=embedder)

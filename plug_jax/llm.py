@@ -1,0 +1,226 @@
+"""The frozen LLM behind one interface, whatever its family.
+
+`DecoderOnlyLM` (Llama family) and `EncoderDecoderLM` (T5) turn text into fixed-shape arrays on the
+host (`featurize`), and compute on device the target-token loss (`loss`) and generations
+(`generate`) with or without soft tokens. Soft tokens go where the family needs them: a T5 encoder
+sees them first; a decoder-only LLM ignores soft tokens at position 0 (its attention sink), so they
+go after the chat header by default, just before the user's text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plug_jax import decode
+from plug_jax.models import assets, llama, t5
+from plug_jax.models.tokenizer import Tokenizer, chat_header_and_body
+
+Batch = dict[str, Any]
+
+
+def _pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = True
+    return ids, mask
+
+
+def _token_loss(logits, targets, weights):
+    """Summed cross-entropy over weighted target positions, and the weight total."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DecoderOnlyLM:
+    """A Llama-family chat model: [header][soft tokens][user text + generation prompt][target]."""
+
+    module: llama.Llama
+    tokenizer: Tokenizer
+    soft_token_position: str = "after_chat_header"  # or "start"
+
+    def __post_init__(self):
+        if self.soft_token_position not in ("after_chat_header", "start"):
+            raise ValueError(f"config.llm.soft_token_position must be 'after_chat_header' or 'start', "
+                             f"got {self.soft_token_position!r}")
+        header, _ = chat_header_and_body("")
+        object.__setattr__(self, "_header", self.tokenizer.encode(header))
+        end_of_turn = self.tokenizer.token_to_id("<|im_end|>")
+        object.__setattr__(self, "_end_of_turn", self.tokenizer.eos_id if end_of_turn is None
+                           else end_of_turn)
+
+    @property
+    def width(self) -> int:
+        return self.module.config.hidden_size
+
+    @property
+    def eos_id(self) -> int:
+        return self._end_of_turn
+
+    @property
+    def insert_at(self) -> int:
+        return len(self._header) if self.soft_token_position == "after_chat_header" else 0
+
+    def embedding_table(self, params) -> jax.Array:
+        return params["embed_tokens"]["embedding"]
+
+    def _prompt_ids(self, text: str, max_input_tokens: int) -> list[int]:
+        _, body = chat_header_and_body("\x00")
+        user_ids = self.tokenizer.encode(text)[:max_input_tokens]
+        generation_prompt = self.tokenizer.encode(body.split("\x00", 1)[1])
+        return self._header + user_ids + generation_prompt
+
+    def prompt_lengths(self, inputs: Sequence[str], max_input_tokens: int) -> list[int]:
+        return [len(self._prompt_ids(text, max_input_tokens)) for text in inputs]
+
+    def featurize(self, inputs: Sequence[str], targets: Sequence[str] | None, *, max_input_tokens: int,
+                  max_target_tokens: int, length: int) -> dict[str, np.ndarray]:
+        """Right-padded [prompt + target + end-of-turn] ids; loss weights on the target part.
+
+        Without targets: the prompts alone (for generation).
+        """
+        rows, weights = [], []
+        for i, text in enumerate(inputs):
+            prompt = self._prompt_ids(text, max_input_tokens)
+            answer = [] if targets is None else (
+                self.tokenizer.encode(targets[i])[:max_target_tokens] + [self._end_of_turn])
+            rows.append((prompt + answer)[:length])
+            weights.append(([0] * len(prompt) + [1] * len(answer))[:length])
+        tokens, mask = _pad(rows, length, self.tokenizer.pad_id or 0)
+        features = {"tokens": tokens, "mask": mask}
+        if targets is not None:
+            features["loss_weights"] = _pad(weights, length, 0)[0].astype(np.float32)
+        return features
+
+    def _forward(self, params, soft, tokens, mask, cache=None):
+        return self.module.apply({"params": params}, tokens, mask, embedded_prefix=soft,
+                                 insert_at=self.insert_at, cache=cache)
+
+    def loss(self, params, soft: jax.Array | None, batch: Batch):
+        logits, _ = self._forward(params, soft, batch["tokens"], batch["mask"])
+        if soft is not None:  # drop the soft slots: logits align with tokens again
+            cut = self.insert_at
+            logits = jnp.concatenate([logits[:, :cut], logits[:, cut + soft.shape[1]:]], axis=1)
+        return _token_loss(logits[:, :-1], batch["tokens"][:, 1:], batch["loss_weights"][:, 1:])
+
+    def generate(self, params, soft: jax.Array | None, batch: Batch, *, method: str,
+                 max_new_tokens: int, num_beams: int = 4) -> jax.Array:
+        tokens, mask = batch["tokens"], batch["mask"]
+        size, length = tokens.shape
+        prefix = 0 if soft is None else soft.shape[1]
+        cache = llama.init_cache(self.module.config, size, length + prefix + max_new_tokens,
+                                 self.module.dtype)
+        logits, cache = self._forward(params, soft, tokens, mask, cache)
+        last = llama.last_valid_index(cache["key_mask"][:, :length + prefix])
+        initial_logits = logits[jnp.arange(size), last]
+
+        def tokens_to_logits(step_tokens, step_cache):
+            step_logits, step_cache = self._forward(params, None, step_tokens,
+                                                    jnp.ones_like(step_tokens, bool), step_cache)
+            return step_logits[:, -1], step_cache
+
+        return decode.decode(initial_logits, cache, tokens_to_logits, method=method,
+                             eos_id=self.eos_id, max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EncoderDecoderLM:
+    """T5: soft tokens, then the input, enter the encoder; the decoder produces the target."""
+
+    module: t5.T5
+    tokenizer: Tokenizer
+
+    @property
+    def width(self) -> int:
+        return self.module.config.d_model
+
+    @property
+    def eos_id(self) -> int:
+        return self.module.config.eos_token_id
+
+    def embedding_table(self, params) -> jax.Array:
+        return params["token_embedder"]["embedding"]
+
+    def prompt_lengths(self, inputs: Sequence[str], max_input_tokens: int) -> list[int]:
+        return [min(len(self.tokenizer.encode(t)), max_input_tokens - 1) + 1 for t in inputs]
+
+    def featurize(self, inputs: Sequence[str], targets: Sequence[str] | None, *, max_input_tokens: int,
+                  max_target_tokens: int, length: int) -> dict[str, np.ndarray]:
+        eos = self.eos_id
+        rows = [self.tokenizer.encode(t)[:min(max_input_tokens, length) - 1] + [eos] for t in inputs]
+        tokens, mask = _pad(rows, length, self.tokenizer.pad_id or 0)
+        features = {"tokens": tokens, "mask": mask}
+        if targets is not None:
+            answers = [self.tokenizer.encode(t)[:max_target_tokens - 1] + [eos] for t in targets]
+            features["targets"], features["target_mask"] = _pad(answers, max_target_tokens,
+                                                                 self.tokenizer.pad_id or 0)
+        return features
+
+    def loss(self, params, soft: jax.Array | None, batch: Batch):
+        decoder_tokens = t5.shift_right(batch["targets"], self.module.config.decoder_start_token_id)
+        logits = self.module.apply({"params": params}, batch["tokens"], batch["mask"], decoder_tokens,
+                                   batch["target_mask"], embedded_prefix=soft)
+        return _token_loss(logits, batch["targets"], batch["target_mask"])
+
+    def generate(self, params, soft: jax.Array | None, batch: Batch, *, method: str,
+                 max_new_tokens: int, num_beams: int = 4) -> jax.Array:
+        variables = {"params": params}
+        encoded, encoder_mask = self.module.apply(variables, batch["tokens"], batch["mask"],
+                                                  embedded_prefix=soft, method=t5.T5.encode)
+        size = encoded.shape[0]
+        cache = t5.init_cache(self.module.config, size, max_new_tokens + 1, self.module.dtype)
+        cache = self.module.apply(variables, encoded, cache, method=t5.T5.cache_cross_attention)
+        cache = {**cache, "encoder_mask": encoder_mask}
+
+        def tokens_to_logits(step_tokens, step_cache):
+            mask = step_cache["encoder_mask"]
+            decoder_cache = {k: v for k, v in step_cache.items() if k != "encoder_mask"}
+            logits, decoder_cache = self.module.apply(variables, step_tokens, None, mask,
+                                                      cache=decoder_cache, method=t5.T5.decode)
+            return logits[:, -1], {**decoder_cache, "encoder_mask": mask}
+
+        start = jnp.full((size, 1), self.module.config.decoder_start_token_id, jnp.int32)
+        initial_logits, cache = tokens_to_logits(start, cache)
+        return decode.decode(initial_logits, cache, tokens_to_logits, method=method,
+                             eos_id=self.eos_id, max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+
+FrozenLM = DecoderOnlyLM | EncoderDecoderLM
+
+
+def load_llm(path: str, dtype=jnp.float32, soft_token_position: str = "after_chat_header"
+             ) -> tuple[FrozenLM, dict]:
+    """'smollm2' (embedded), a .gguf file, or a Hugging Face directory (Llama family or T5)."""
+    if path == "smollm2":
+        path = str(assets.smollm2_gguf())
+    location = Path(path)
+    if not location.exists():
+        raise FileNotFoundError(f"config.llm.path: {path} does not exist (a .gguf file or an HF "
+                                "checkpoint directory; 'smollm2' for the embedded default)")
+    if location.suffix == ".gguf":
+        config, params = llama.load_llama(location, dtype)
+        return DecoderOnlyLM(llama.Llama(config, dtype=dtype, param_dtype=dtype),
+                             Tokenizer.from_gguf(location), soft_token_position), params
+    from plug_jax.models.loading import read_hf_config
+    model_type = read_hf_config(location).get("model_type")
+    if model_type == "t5":
+        config, params = t5.load_t5(location, dtype)
+        tokenizer_file = location / "tokenizer.json"
+        if not tokenizer_file.exists():
+            tokenizer_file = assets.t5_tokenizer_json()
+        return EncoderDecoderLM(t5.T5(config, dtype=dtype, param_dtype=dtype),
+                                Tokenizer.from_tokenizer_json(tokenizer_file)), params
+    config, params = llama.load_llama(location, dtype)
+    tokenizer = Tokenizer.from_tokenizer_json(location / "tokenizer.json")
+    return DecoderOnlyLM(llama.Llama(config, dtype=dtype, param_dtype=dtype), tokenizer,
+                         soft_token_position), params
