@@ -3,6 +3,7 @@
 Two settings:
   (no arg)  the embedded default: SmolLM2-135M-Instruct (GGUF) + all-MiniLM-L6-v2 + synthetic LaMP
             data of the task, sized to finish on a 2-core CPU in minutes, fully offline.
+  tiny      small random LLM and encoder with the real tokenizers: a smoke test in seconds.
   paper     the paper's setting: Flan-T5-XXL + bge-base-en-v1.5 (CLS), a real LaMP directory, AdamW
             lr 1e-4, weight decay 1e-4, 5% warmup, batch 64, 2 epochs (LaMP-3: 1), LLM input <= 256
             tokens, history <= 512 items, beam 4, max new tokens 128 (LaMP-3: 10).
@@ -50,7 +51,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
-    args = parse_arg(arg, paper=False)
+    args = parse_arg(arg, paper=False, tiny=False)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.task = task
@@ -98,6 +99,15 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
     config.axis_rules = AXIS_RULES
     config.log_every = 5
 
+    if args.tiny:
+        config.llm.path = "tiny-llama"
+        config.encoder.path = "tiny-bert"
+        config.data.synthetic.update(num_users=24, examples_per_user=3, profile_size=4)
+        config.data.max_history = 8
+        config.data.max_query_tokens = 64
+        config.optim.update(max_steps=6, batch_size=4)
+        config.decode.update(max_new_tokens=3, eval_batch_size=8)
+        config.log_every = 2
     if args.paper:
         config.data.dir = f"data/{task}"
         config.data.max_history = 512

@@ -56,6 +56,31 @@ def predict(generate_fn, experiment, plug_params, features, *, desc: str) -> lis
     return outputs
 
 
+def target_nll(experiment, plug_params, examples: Sequence[lamp.Example]) -> float:
+    """Mean negative log-likelihood per gold target token (a dev loss), personalized or not."""
+    config = experiment.config
+
+    @jax.jit
+    def nll(params, batch):
+        soft = None
+        if params is not None:
+            soft = experiment.embedder.apply({"params": params}, batch["query_tokens"],
+                                             batch["query_mask"], batch["history"],
+                                             batch["history_mask"])
+        masked = {**batch, "target_mask": batch["target_mask"] & batch["example_mask"][:, None]}
+        return experiment.llm.loss(experiment.llm_params, soft, masked)
+
+    features = pipeline.featurize(examples, experiment.llm, experiment.query_tokenizer,
+                                  experiment.table, data_config=config.data,
+                                  query_instruction=config.encoder.query_instruction,
+                                  with_targets=True)
+    total, count = 0.0, 0.0
+    for batch in pipeline.batches(features, experiment.table, config.decode.eval_batch_size):
+        loss_sum, tokens = nll(plug_params, batch)
+        total, count = total + float(loss_sum), count + float(tokens)
+    return total / max(count, 1.0)
+
+
 def evaluate(experiment, plug_params, splits: Sequence[str], workdir: str | Path, *,
              with_zero_shot: bool = True, generate_fn=None,
              examples_override: dict[str, list[lamp.Example]] | None = None) -> dict:

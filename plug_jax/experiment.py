@@ -64,8 +64,20 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str | Path,
     return {split: lamp.load_split(directory, split, config.data.task) for split in splits}
 
 
-def _encoder_dir(path: str) -> Path:
-    return assets.minilm_dir() if path == "minilm" else Path(path)
+def load_encoder(encoder: ml_collections.ConfigDict) -> tuple[bert.BertConfig, Any, Path]:
+    """(config, params, tokenizer directory) of the sentence encoder.
+
+    'minilm' is the embedded all-MiniLM-L6-v2; 'tiny-bert' a small random BERT with MiniLM's
+    tokenizer, for smoke tests; anything else a Hugging Face directory.
+    """
+    if encoder.path == "tiny-bert":
+        directory = assets.minilm_dir()
+        config = dataclasses.replace(bert.BertConfig.tiny(encoder.pooling or "mean"),
+                                     vocab_size=30522, max_position_embeddings=512)
+        return config, bert.init_params(config, jax.random.key(1)), directory
+    directory = assets.minilm_dir() if encoder.path == "minilm" else Path(encoder.path)
+    config, params = bert.load_bert(directory, jnp.float32, encoder.pooling or None)
+    return config, params, directory
 
 
 def build(config: ml_collections.ConfigDict, workdir: str | Path,
@@ -78,13 +90,12 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path,
     llm, llm_params = llm_lib.load_llm(config.llm.path, _DTYPES[config.llm.dtype],
                                        config.llm.soft_token_position)
 
-    encoder_dir = _encoder_dir(config.encoder.path)
-    pooling = config.encoder.pooling or None
-    encoder_config, encoder_params = bert.load_bert(encoder_dir, jnp.float32, pooling)
+    encoder_config, encoder_params, encoder_dir = load_encoder(config.encoder)
     history_encoder = bert.SentenceEncoder(encoder_config, encoder_params,
                                            bert.bert_tokenizer(encoder_dir),
                                            max_length=config.encoder.max_length)
-    encoder_id = f"{encoder_dir.resolve()}|{encoder_config.pooling}|{config.encoder.max_length}"
+    encoder_id = f"{config.encoder.path}|{encoder_dir.resolve()}|{encoder_config.pooling}|" \
+                 f"{config.encoder.max_length}"
     cache_dir = data.cache_dir or Path(workdir) / "cache"
     table = embed.build_history_table((e.history for split in examples.values() for e in split),
                                       history_encoder, encoder_config.hidden_size, encoder_id,

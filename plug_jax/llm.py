@@ -89,46 +89,38 @@ class DecoderOnlyLM:
 
         Without targets: the prompts alone (for generation).
         """
-        rows, weights = [], []
+        rows, answers, starts = [], [], []
         for i, text in enumerate(inputs):
             prompt = self._prompt_ids(text, max_input_tokens)
             answer = [] if targets is None else (
                 self.tokenizer.encode(targets[i])[:max_target_tokens] + [self._end_of_turn])
             rows.append((prompt + answer)[:length])
-            weights.append(([0] * len(prompt) + [1] * len(answer))[:length])
+            answers.append(answer[:max(0, length - len(prompt))])
+            starts.append(len(prompt) - 1)  # the slot whose logits predict the answer's first token
         tokens, mask = _pad(rows, length, self.tokenizer.pad_id or 0)
         features = {"tokens": tokens, "mask": mask}
         if targets is not None:
-            features["loss_weights"] = _pad(weights, length, 0)[0].astype(np.float32)
+            span = max_target_tokens + 1
+            features["targets"], features["target_mask"] = _pad(answers, span, 0)
+            features["target_positions"] = np.minimum(
+                np.asarray(starts, np.int32)[:, None] + np.arange(span, dtype=np.int32), length - 1)
         return features
 
-    def _forward(self, params, soft, tokens, mask, cache=None):
-        return self.module.apply({"params": params}, tokens, mask, embedded_prefix=soft,
-                                 insert_at=self.insert_at, cache=cache)
-
     def loss(self, params, soft: jax.Array | None, batch: Batch):
-        logits, _ = self._forward(params, soft, batch["tokens"], batch["mask"])
-        if soft is not None:  # drop the soft slots: logits align with tokens again
-            cut = self.insert_at
-            logits = jnp.concatenate([logits[:, :cut], logits[:, cut + soft.shape[1]:]], axis=1)
-        return _token_loss(logits[:, :-1], batch["tokens"][:, 1:], batch["loss_weights"][:, 1:])
+        positions = batch["target_positions"]
+        if soft is not None:  # the soft tokens sit before the prompt's user text, so before these
+            positions = positions + soft.shape[1]
+        logits, _ = self.module.apply({"params": params}, batch["tokens"], batch["mask"],
+                                      embedded_prefix=soft, insert_at=self.insert_at,
+                                      logit_positions=positions)
+        return _token_loss(logits, batch["targets"], batch["target_mask"])
 
     def generate(self, params, soft: jax.Array | None, batch: Batch, *, method: str,
                  max_new_tokens: int, num_beams: int = 4) -> jax.Array:
-        tokens, mask = batch["tokens"], batch["mask"]
-        size, length = tokens.shape
-        prefix = 0 if soft is None else soft.shape[1]
-        cache = llama.init_cache(self.module.config, size, length + prefix + max_new_tokens,
-                                 self.module.dtype)
-        logits, cache = self._forward(params, soft, tokens, mask, cache)
-        last = llama.last_valid_index(cache["key_mask"][:, :length + prefix])
-        initial_logits = logits[jnp.arange(size), last]
-
-        def tokens_to_logits(step_tokens, step_cache):
-            step_logits, step_cache = self._forward(params, None, step_tokens,
-                                                    jnp.ones_like(step_tokens, bool), step_cache)
-            return step_logits[:, -1], step_cache
-
+        initial_logits, cache = llama.prefill(self.module, params, batch["tokens"], batch["mask"],
+                                              max_new_tokens, embedded_prefix=soft,
+                                              insert_at=self.insert_at)
+        tokens_to_logits = llama.tokens_to_logits_fn(self.module, params)
         return decode.decode(initial_logits, cache, tokens_to_logits, method=method,
                              eos_id=self.eos_id, max_new_tokens=max_new_tokens, num_beams=num_beams)
 
@@ -198,9 +190,35 @@ class EncoderDecoderLM:
 FrozenLM = DecoderOnlyLM | EncoderDecoderLM
 
 
+def _tiny_llama(dtype, soft_token_position):
+    tokenizer = Tokenizer.from_gguf(assets.smollm2_gguf())
+    config = llama.LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, eos_ids=(tokenizer.eos_id,),
+                                    bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id)
+    params = llama.init_params(config, jax.random.key(0), dtype)
+    module = llama.Llama(config, dtype=dtype, param_dtype=dtype)
+    return DecoderOnlyLM(module, tokenizer, soft_token_position), params
+
+
+def _tiny_t5(dtype, soft_token_position):
+    del soft_token_position  # the encoder sees soft tokens first
+    tokenizer = Tokenizer.from_tokenizer_json(assets.t5_tokenizer_json())
+    config = t5.T5Config.tiny(vocab_size=tokenizer.vocab_size)
+    module = t5.T5(config, dtype=dtype, param_dtype=dtype)
+    params = t5.init_params(config, jax.random.key(0), dtype)
+    return EncoderDecoderLM(module, tokenizer), params
+
+
+TINY_MODELS = {"tiny-llama": _tiny_llama, "tiny-t5": _tiny_t5}
+
+
 def load_llm(path: str, dtype=jnp.float32, soft_token_position: str = "after_chat_header"
              ) -> tuple[FrozenLM, dict]:
-    """'smollm2' (embedded), a .gguf file, or a Hugging Face directory (Llama family or T5)."""
+    """'smollm2' (embedded), a .gguf file, or a Hugging Face directory (Llama family or T5).
+
+    'tiny-llama' and 'tiny-t5' are small random models with real tokenizers, for smoke tests.
+    """
+    if path in TINY_MODELS:
+        return TINY_MODELS[path](dtype, soft_token_position)
     if path == "smollm2":
         path = str(assets.smollm2_gguf())
     location = Path(path)

@@ -105,10 +105,9 @@ def train_batches(features, table, config, start_step: int):
         epoch, offset = epoch + 1, 0
 
 
-def main(argv: Sequence[str]) -> None:
-    del argv
-    config: ml_collections.ConfigDict = flags.FLAGS.config
-    workdir = Path(flags.FLAGS.workdir)
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Any, Any, dict]:
+    """Trains and evaluates; returns (experiment, final train state, metrics)."""
+    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     started = time.time()
@@ -182,6 +181,12 @@ def main(argv: Sequence[str]) -> None:
     print(evaluate.format_table(results, exp.task.name))
     print(f"plug saved to {plug_path}; metrics written to {evaluate.write_metrics(results, workdir)}; "
           f"{time.time() - started:.0f} s in all")
+    return exp, state, results
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -269,15 +269,23 @@ def pool(hidden: jax.Array, mask: jax.Array, pooling: Pooling, normalize: bool =
     return pooled
 
 
-def _boxed_params(config: BertConfig, dtype: Dtype):
+def _boxed_init(config: BertConfig, rng: jax.Array, dtype: Dtype):
     tokens = jnp.zeros((1, 1), jnp.int32)
-    model = Bert(config, param_dtype=dtype)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, tokens.astype(bool)))["params"]
+    return Bert(config, param_dtype=dtype).init(rng, tokens, tokens.astype(bool))["params"]
+
+
+def _boxed_params(config: BertConfig, dtype: Dtype):
+    return jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0), dtype))
 
 
 def abstract_params(config: BertConfig, dtype: Dtype = jnp.float32) -> dict:
     """The parameter tree as unboxed ShapeDtypeStructs (what `load_params` fills)."""
     return layers.unboxed(_boxed_params(config, dtype))
+
+
+def init_params(config: BertConfig, rng: jax.Array, dtype: Dtype = jnp.float32) -> dict:
+    """Random parameters (tests and smoke runs), unboxed."""
+    return layers.unboxed(_boxed_init(config, rng, dtype))
 
 
 def param_logical_axes(config: BertConfig) -> dict:

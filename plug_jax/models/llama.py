@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from plug_jax import decode
 from plug_jax.models import loading
 from plug_jax.models.layers import Dense, RMSNorm, constrain, dot_product_attention, mask_to_bias, unboxed
 from plug_jax.models.loading import CheckpointError
@@ -249,11 +250,14 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array, *, embedded_prefix: jax.Array | None = None,
                  prefix_mask: jax.Array | None = None, insert_at: int = 0,
-                 cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+                 cache: Cache | None = None,
+                 logit_positions: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
         """tokens, mask: [B, T]; embedded_prefix: [B, P, D] spliced after token `insert_at - 1`.
 
         Returns (logits [B, T + P, V], new_cache). With `cache` (from `init_cache`), the inputs are
         written at slot `cache["index"]` and attend to everything cached before them.
+        `logit_positions` [B, K] (slots, soft tokens counted) limits the LM head to those slots,
+        giving logits [B, K, V]: training needs only the target's, and the head is a large matmul.
         """
         cfg = self.config
         embed = nn.Embed(
@@ -291,6 +295,8 @@ class Llama(nn.Module):
                     x, positions, bias, layer_cache, write_index)
             new_layer_caches.append(new_layer_cache)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
+        if logit_positions is not None:
+            x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
 
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
@@ -440,18 +446,6 @@ def greedy_generate(model: Llama, params, tokens: jax.Array, mask: jax.Array, ma
     """[B, max_new_tokens] greedy continuation of right-padded prompts; after eos, eos repeats."""
     logits, cache = prefill(model, params, tokens, mask, max_new_tokens, embedded_prefix=embedded_prefix,
                             prefix_mask=prefix_mask, insert_at=insert_at)
-    tokens_to_logits = tokens_to_logits_fn(model, params)
-    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    done = jnp.zeros(first.shape, bool) if eos_id is None else first == eos_id
-
-    def step(carry, _):
-        token, done, cache = carry
-        logits, cache = tokens_to_logits(token[:, None], cache)
-        next_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        if eos_id is not None:
-            next_token = jnp.where(done, eos_id, next_token)
-            done = done | (next_token == eos_id)
-        return (next_token, done, cache), next_token
-
-    _, rest = jax.lax.scan(step, (first, done, cache), None, length=max_new_tokens - 1)
-    return jnp.concatenate([first[:, None], rest.T], axis=1)
+    return decode.greedy(logits, cache, tokens_to_logits_fn(model, params),
+                         eos_id=model.config.eos_id if eos_id is None else eos_id,
+                         max_new_tokens=max_new_tokens)

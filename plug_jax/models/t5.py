@@ -507,11 +507,20 @@ def init_cache(config: T5Config, batch: int, max_length: int, dtype: Dtype = jnp
     }
 
 
-def _boxed_abstract_params(config: T5Config, dtype: Dtype):
+def _boxed_init(config: T5Config, rng: jax.Array, dtype: Dtype):
     model = T5(config, param_dtype=dtype)
     tokens = jnp.zeros((1, 1), jnp.int32)
     mask = jnp.ones((1, 1), bool)
-    return jax.eval_shape(model.init, jax.random.key(0), tokens, mask, tokens, mask)["params"]
+    return model.init(rng, tokens, mask, tokens, mask)["params"]
+
+
+def _boxed_abstract_params(config: T5Config, dtype: Dtype):
+    return jax.eval_shape(functools.partial(_boxed_init, config, dtype=dtype), jax.random.key(0))
+
+
+def init_params(config: T5Config, rng: jax.Array, dtype: Dtype = jnp.float32) -> dict:
+    """Random parameters (tests and smoke runs), unboxed."""
+    return layers.unboxed(_boxed_init(config, rng, dtype))
 
 
 def abstract_params(config: T5Config, dtype: Dtype = jnp.float32) -> dict:
