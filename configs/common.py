@@ -74,6 +74,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         path="smollm2",            # 'smollm2' (embedded GGUF), an HF directory, or a .gguf file
         dtype="float32",           # compute / storage dtype of the frozen LLM
         soft_token_position="after_chat_header",  # or 'start' (a decoder-only LLM ignores it there)
+        remat=False,               # recompute each layer in the backward pass: less memory, more FLOPs
     )
     config.encoder = dict(
         path="minilm",             # 'minilm' (embedded) or an HF directory (bge-base-en-v1.5, ...)
@@ -81,7 +82,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         query_instruction="",
         max_length=128,
     )
-    config.plug = dict(projector_hidden=0)
+    config.plug = dict(projector_hidden=0, train_query_encoder=True)
     config.optim = dict(
         lr=2e-3,                   # projectors + instruction vector
         encoder_lr=5e-5,           # the trainable query encoder
@@ -118,6 +119,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         config.llm.path = "google/flan-t5-xxl"  # a local HF directory
         config.llm.dtype = "bfloat16"
         config.llm.soft_token_position = "start"
+        config.llm.remat = True
         config.encoder.path = "BAAI/bge-base-en-v1.5"  # a local HF directory
         config.encoder.pooling = "cls"
         config.encoder.query_instruction = "Represent this sentence for searching relevant passages: "

@@ -41,7 +41,8 @@ class Experiment:
             rng, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool),
             jnp.zeros((1, data.max_history, self.table.width)), jnp.ones((1, data.max_history), bool))
         params = dict(params["params"])
-        params["query_encoder"] = self.encoder_params
+        # A copy: the training state is donated to the update, which frees its buffers.
+        params["query_encoder"] = jax.tree.map(jnp.copy, self.encoder_params)
         return params
 
 
@@ -88,7 +89,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path,
     examples = load_splits(config, workdir, splits)
 
     llm, llm_params = llm_lib.load_llm(config.llm.path, _DTYPES[config.llm.dtype],
-                                       config.llm.soft_token_position)
+                                       config.llm.soft_token_position, config.llm.remat)
 
     encoder_config, encoder_params, encoder_dir = load_encoder(config.encoder)
     history_encoder = bert.SentenceEncoder(encoder_config, encoder_params,
@@ -104,7 +105,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path,
     embedder = plug.UserEmbedder(
         encoder_config=encoder_config, llm_width=llm.width,
         soft_token_rms=plug.embedding_rms(llm.embedding_table(llm_params)),
-        projector_hidden=config.plug.projector_hidden)
+        projector_hidden=config.plug.projector_hidden,
+        train_query_encoder=config.plug.train_query_encoder)
     return Experiment(config=config, task=lamp.get_task(data.task), splits=examples, llm=llm,
                       llm_params=llm_params, encoder_config=encoder_config,
                       encoder_params=encoder_params, query_tokenizer=bert.bert_tokenizer(encoder_dir),

@@ -190,35 +190,39 @@ class EncoderDecoderLM:
 FrozenLM = DecoderOnlyLM | EncoderDecoderLM
 
 
-def _tiny_llama(dtype, soft_token_position):
+def _tiny_llama(dtype, soft_token_position, remat):
     tokenizer = Tokenizer.from_gguf(assets.smollm2_gguf())
     config = llama.LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, eos_ids=(tokenizer.eos_id,),
                                     bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id)
     params = llama.init_params(config, jax.random.key(0), dtype)
-    module = llama.Llama(config, dtype=dtype, param_dtype=dtype)
+    module = llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat)
     return DecoderOnlyLM(module, tokenizer, soft_token_position), params
 
 
-def _tiny_t5(dtype, soft_token_position):
+def _tiny_t5(dtype, soft_token_position, remat):
     del soft_token_position  # the encoder sees soft tokens first
     tokenizer = Tokenizer.from_tokenizer_json(assets.t5_tokenizer_json())
     config = t5.T5Config.tiny(vocab_size=tokenizer.vocab_size)
-    module = t5.T5(config, dtype=dtype, param_dtype=dtype)
+    module = t5.T5(config, dtype=dtype, param_dtype=dtype, remat=remat)
     params = t5.init_params(config, jax.random.key(0), dtype)
+    # At the default std 0.02 a random T5 is near the identity and its decoder hardly sees the
+    # encoder (nor the soft tokens); std 0.2, as the tiny Llama, makes every part matter.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * 10 if path[-1].key == "kernel" else x, params)
     return EncoderDecoderLM(module, tokenizer), params
 
 
 TINY_MODELS = {"tiny-llama": _tiny_llama, "tiny-t5": _tiny_t5}
 
 
-def load_llm(path: str, dtype=jnp.float32, soft_token_position: str = "after_chat_header"
-             ) -> tuple[FrozenLM, dict]:
+def load_llm(path: str, dtype=jnp.float32, soft_token_position: str = "after_chat_header",
+             remat: bool = False) -> tuple[FrozenLM, dict]:
     """'smollm2' (embedded), a .gguf file, or a Hugging Face directory (Llama family or T5).
 
     'tiny-llama' and 'tiny-t5' are small random models with real tokenizers, for smoke tests.
     """
     if path in TINY_MODELS:
-        return TINY_MODELS[path](dtype, soft_token_position)
+        return TINY_MODELS[path](dtype, soft_token_position, remat)
     if path == "smollm2":
         path = str(assets.smollm2_gguf())
     location = Path(path)
@@ -227,7 +231,7 @@ def load_llm(path: str, dtype=jnp.float32, soft_token_position: str = "after_cha
                                 "checkpoint directory; 'smollm2' for the embedded default)")
     if location.suffix == ".gguf":
         config, params = llama.load_llama(location, dtype)
-        return DecoderOnlyLM(llama.Llama(config, dtype=dtype, param_dtype=dtype),
+        return DecoderOnlyLM(llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat),
                              Tokenizer.from_gguf(location), soft_token_position), params
     from plug_jax.models.loading import read_hf_config
     model_type = read_hf_config(location).get("model_type")
@@ -236,9 +240,9 @@ def load_llm(path: str, dtype=jnp.float32, soft_token_position: str = "after_cha
         tokenizer_file = location / "tokenizer.json"
         if not tokenizer_file.exists():
             tokenizer_file = assets.t5_tokenizer_json()
-        return EncoderDecoderLM(t5.T5(config, dtype=dtype, param_dtype=dtype),
+        return EncoderDecoderLM(t5.T5(config, dtype=dtype, param_dtype=dtype, remat=remat),
                                 Tokenizer.from_tokenizer_json(tokenizer_file)), params
     config, params = llama.load_llama(location, dtype)
     tokenizer = Tokenizer.from_tokenizer_json(location / "tokenizer.json")
-    return DecoderOnlyLM(llama.Llama(config, dtype=dtype, param_dtype=dtype), tokenizer,
-                         soft_token_position), params
+    return DecoderOnlyLM(llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat),
+                         tokenizer, soft_token_position), params

@@ -52,7 +52,7 @@ def aggregation_weights(query: jax.Array, history: jax.Array, history_mask: jax.
     return jnp.where(history_mask, weights, 0.0)
 
 
-def rms_scale(x: jax.Array, target_rms: float, eps: float = 1e-6) -> jax.Array:
+def rms_scale(x: jax.Array, target_rms: float, eps: float = 1e-12) -> jax.Array:
     """Rescales each vector to a given root-mean-square; the zero vector stays zero."""
     rms = jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
     return x / rms * target_rms
@@ -65,6 +65,7 @@ class UserEmbedder(nn.Module):
     llm_width: int
     soft_token_rms: float
     projector_hidden: int = 0  # 0: the LLM width
+    train_query_encoder: bool = True  # the paper trains it; frozen, it needs no backward pass
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -79,7 +80,8 @@ class UserEmbedder(nn.Module):
 
     def encode_query(self, query_tokens, query_mask):
         hidden = self.query_encoder(query_tokens, query_mask)
-        return bert.pool(hidden, query_mask, self.encoder_config.pooling, normalize=True)
+        query = bert.pool(hidden, query_mask, self.encoder_config.pooling, normalize=True)
+        return query if self.train_query_encoder else jax.lax.stop_gradient(query)
 
     def __call__(self, query_tokens, query_mask, history, history_mask, *, return_weights=False):
         query = self.encode_query(query_tokens, query_mask)

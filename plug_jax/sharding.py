@@ -56,3 +56,35 @@ def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def optimizer_state_shardings(opt_state: Any, params: Any, param_shardings: Any,
+                              mesh: Mesh) -> Any:
+    """Shardings of an optax state: a moment sharded as its parameter, the rest replicated.
+
+    A state leaf follows the parameter whose key path ends its own and whose shape it has (the
+    moments of adam inside chain/multi_transform/masked); counts and other leaves are replicated.
+    Matching by path works where optax.tree_map_params cannot: its placeholder params break
+    label functions that look into the params (train.make_optimizer's).
+    """
+    flat_params, _ = jax.tree_util.tree_flatten_with_path(params)
+    by_path = {tuple(path): (leaf.shape, sharding) for (path, leaf), sharding in
+               zip(flat_params, jax.tree.leaves(param_shardings))}
+
+    def pick(path, leaf):
+        for start in range(len(path)):
+            shape, sharding = by_path.get(tuple(path[start:]), (None, None))
+            if shape is not None and tuple(shape) == tuple(leaf.shape):
+                return sharding
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def train_state_shardings(optimizer_state: Any, params: Any, param_logical_specs: Any, mesh: Mesh,
+                          rules) -> dict:
+    """Shardings of plug_jax.train's state {'params', 'opt', 'step'}: params by their logical axes."""
+    param_shardings = logical_to_shardings(param_logical_specs, mesh, rules)
+    return {"params": param_shardings,
+            "opt": optimizer_state_shardings(optimizer_state, params, param_shardings, mesh),
+            "step": replicated(mesh)}

@@ -8,6 +8,7 @@ update -> training loop -> evaluation of PPlug against the zero-shot LLM -> save
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
@@ -32,8 +33,10 @@ from plug_jax.data import pipeline
 ENCODER_GROUP, HEAD_GROUP = "encoder", "head"
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warmup and decay; the query encoder has its own learning rate."""
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
+                   train_query_encoder: bool = True) -> optax.GradientTransformation:
+    """AdamW with linear warmup and decay; the query encoder has its own learning rate (or is
+    frozen: then it has no optimizer state)."""
 
     def schedule(peak):
         warmup = max(1, int(optim.warmup_fraction * total_steps))
@@ -49,7 +52,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
         optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip else optax.identity(),
         optax.multi_transform({
             HEAD_GROUP: optax.adamw(schedule(optim.lr), weight_decay=optim.weight_decay),
-            ENCODER_GROUP: optax.adamw(schedule(optim.encoder_lr), weight_decay=optim.weight_decay),
+            ENCODER_GROUP: (optax.adamw(schedule(optim.encoder_lr), weight_decay=optim.weight_decay)
+                            if train_query_encoder else optax.set_to_zero()),
         }, group))
 
 
@@ -83,7 +87,7 @@ def train_step(state, llm_params, batch, *, embedder, llm, optimizer, accum_step
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = optimizer.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    stats = {"loss": loss_sum / count, "target_tokens": count, "grad_norm": optax.global_norm(grads)}
+    stats = {"loss": loss_sum / count, "target_tokens": count, "grad_norm": optax.tree.norm(grads)}
     return {"params": params, "opt": opt_state, "step": state["step"] + 1}, stats
 
 
@@ -105,8 +109,17 @@ def train_batches(features, table, config, start_step: int):
         epoch, offset = epoch + 1, 0
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Any, Any, dict]:
-    """Trains and evaluates; returns (experiment, final train state, metrics)."""
+@dataclasses.dataclass
+class RunResult:
+    experiment: Any
+    state: Any
+    metrics: dict
+    losses: list[float]
+    compilations: int  # of the update function: 1 when shapes never change
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
+    """Trains, evaluates PPlug against the zero-shot LLM, and saves the plug."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -132,7 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Any, An
 
         # ------------------------------------------------------------ plug init + optimizer
         params = exp.init_plug_params(jax.random.key(config.seed))
-        optimizer = make_optimizer(config.optim, steps)
+        optimizer = make_optimizer(config.optim, steps, config.plug.train_query_encoder)
         state = {"params": params, "opt": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
         num_params = sum(x.size for x in jax.tree.leaves(params))
         print(f"plug parameters: {num_params / 1e6:.2f}M (LLM frozen: "
@@ -165,7 +178,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Any, An
                 bar.set_postfix(loss=f"{stats['loss']:.3f}",
                                 ex_per_s=f"{config.optim.batch_size / seconds:.1f}")
                 bar.update(1)
-        logging.info("compiled update %d time(s)", update._cache_size())
         print(f"loss: first {np.mean(history[:5]):.4f} -> last {np.mean(history[-5:]):.4f} "
               f"(mean of 5 steps)")
 
@@ -181,7 +193,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Any, An
     print(evaluate.format_table(results, exp.task.name))
     print(f"plug saved to {plug_path}; metrics written to {evaluate.write_metrics(results, workdir)}; "
           f"{time.time() - started:.0f} s in all")
-    return exp, state, results
+    return RunResult(exp, state, results, history, update._cache_size())
 
 
 def main(argv: Sequence[str]) -> None:

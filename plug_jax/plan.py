@@ -1,0 +1,604 @@
+"""Plans a training run on a pod ahead of time: memory per device, FLOPs and fit, from shapes alone.
+
+  python -m plug_jax.plan --config configs/lamp3.py:paper --target v4-32
+  python -m plug_jax.plan --config configs/lamp3.py:paper --target v5e-16 --mesh data=2,fsdp=8
+  python -m plug_jax.plan --config configs/lamp3.py:paper --target v4-32,v5e-16,h100x8 --search
+
+The update step of plug_jax.train (`train_step`: plug forward, frozen-LLM loss, gradient, AdamW) is
+lowered and compiled from abstract arrays (jax.ShapeDtypeStruct carrying their shardings), as
+MaxText's train_compile.py does: no weights or data are read and nothing is allocated. A target's
+chips are simulated by as many host CPU devices; the program is partitioned by the same SPMD
+partitioner jit uses on a TPU or GPU, so per-device argument sizes are exact, while temporaries,
+FLOPs and collectives are what the XLA *CPU* compiler makes of it: an estimate of the TPU/GPU
+layout, not a measurement.
+
+Python: `plan(config, "v4-32")` -> dict; `search(config, "v4-32")` -> list of dicts, best first.
+Both need the target's device count to exist in this process (`use_cpu_devices(n)` right after
+importing jax, before anything runs); the CLI does that itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from plug_jax import llm as llm_lib
+from plug_jax import plug, sharding
+from plug_jax.models import assets, bert, llama, t5
+from plug_jax.models.loading import read_hf_config
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    num_devices: int            # JAX devices in the slice; 0 = the host's CPU devices
+    hbm_bytes: float | None     # memory per device
+    peak_flops: float | None    # dense bf16 FLOP/s per device (a bound on step time, not a forecast)
+    description: str
+
+
+# One JAX device per chip: a v4 chip's two TensorCores act as one device (megacore).
+TARGETS = {
+    "v4-32": Target("v4-32", 16, 32 * GiB, 275e12, "Cloud TPU v4-32: 16 chips, 32 GiB HBM each"),
+    "v5e-16": Target("v5e-16", 16, 16 * GiB, 197e12, "Cloud TPU v5e-16: 16 chips, 16 GiB HBM each"),
+    # 81559 MiB is what nvidia-smi reports for an H100 80GB.
+    "h100x8": Target("h100x8", 8, 81559 * 2**20, 989e12, "8 x NVIDIA H100 80GB (SXM)"),
+    "cpu": Target("cpu", 0, None, None, "this host's CPU devices"),
+}
+
+CAVEAT = ("Estimates: the XLA CPU compiler's SPMD partitioning of the same program, standing in for "
+          "the TPU/GPU compiler. Parameter, optimizer-state and batch bytes per device are exact; "
+          "temporaries, FLOPs and collectives depend on the backend's fusion, scheduling and "
+          "precision choices (the CPU backend may compute bf16 ops in f32), so keep >= 10% headroom.")
+
+# ---------------------------------------------------------------------------------------------
+# Devices. The CPU device count is fixed when JAX's backends start, so set it first.
+
+
+def use_cpu_devices(count: int) -> None:
+    """Gives this process `count` CPU devices; call before any JAX computation."""
+    if jax.config.jax_num_cpu_devices != count:
+        jax.config.update("jax_num_cpu_devices", count)
+
+
+def target_devices(target: Target) -> list[jax.Device]:
+    devices = jax.devices("cpu")
+    if target.num_devices == 0:
+        return devices
+    if len(devices) < target.num_devices:
+        raise RuntimeError(
+            f"target {target.name} needs {target.num_devices} devices, this process has "
+            f"{len(devices)} CPU devices: call plug_jax.plan.use_cpu_devices({target.num_devices}) "
+            "right after importing jax, or run python -m plug_jax.plan")
+    return devices[:target.num_devices]
+
+
+def get_target(target: str | Target) -> Target:
+    if isinstance(target, Target):
+        return target
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
+    return TARGETS[target]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model configs from names, without weights.
+
+# Flan-T5 sizes (the v1.1 architecture); the defaults of T5Config are XXL's.
+_FLAN_T5 = {
+    "flan-t5-xxl": t5.T5Config(),
+    "flan-t5-xl": t5.T5Config(d_model=2048, d_ff=5120, num_heads=32),
+    "flan-t5-large": t5.T5Config(d_model=1024, d_ff=2816, num_heads=16),
+    "flan-t5-base": t5.T5Config(d_model=768, d_ff=2048, num_heads=12, num_layers=12,
+                                num_decoder_layers=12),
+}
+_BGE = {  # BAAI/bge-*-en-v1.5: BERT with CLS pooling
+    "bge-small-en-v1.5": bert.BertConfig(30522, 384, 12, 12, 1536, pooling="cls"),
+    "bge-base-en-v1.5": bert.BertConfig(30522, 768, 12, 12, 3072, pooling="cls"),
+    "bge-large-en-v1.5": bert.BertConfig(30522, 1024, 24, 16, 4096, pooling="cls"),
+}
+
+
+def _known(path: str, table: Mapping[str, Any]):
+    return table.get(path.rstrip("/").rsplit("/", 1)[-1].lower())
+
+
+def _gguf_llama_config(path: Path) -> llama.LlamaConfig:
+    """Shapes of a GGUF Llama/Qwen2 from its metadata alone (no tensor is dequantized)."""
+    from plug_jax.models import gguf
+
+    reader = gguf.open_reader(path)
+    arch = gguf.metadata(reader, "general.architecture")
+    get = lambda key, default=None: gguf.metadata(reader, f"{arch}.{key}", default)
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    tensors = {tensor.name for tensor in reader.tensors}
+    vocab = get("vocab_size") or len(gguf.metadata(reader, "tokenizer.ggml.tokens"))
+    return llama.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=get("feed_forward_length"),
+        num_layers=get("block_count"), num_heads=heads,
+        num_kv_heads=get("attention.head_count_kv", heads),
+        head_dim=get("attention.key_length", hidden // heads),
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        eos_ids=(gguf.metadata(reader, "tokenizer.ggml.eos_token_id"),))
+
+
+def abstract_llm(llm_config: ml_collections.ConfigDict) -> tuple[llm_lib.FrozenLM, str]:
+    """The frozen LLM's adapter (module + tokenizer, no params) and a description.
+
+    An existing local directory or .gguf file is read for its config only; otherwise 'smollm2',
+    the tiny test models and the Flan-T5 names map to configs here.
+    """
+    path = llm_config.path
+    dtype = jnp.dtype(llm_config.dtype)
+    remat = bool(llm_config.get("remat", False))
+    position = llm_config.soft_token_position
+    location = Path(path)
+    if path in llm_lib.TINY_MODELS:
+        # Tiny models are random and small: building them is cheaper than restating their configs.
+        llm, _ = llm_lib.TINY_MODELS[path](dtype, position, remat)
+        return llm, path
+    if path == "smollm2" or location.suffix == ".gguf":
+        gguf_path = assets.smollm2_gguf() if path == "smollm2" else location
+        config = _gguf_llama_config(gguf_path)
+        from plug_jax.models.tokenizer import Tokenizer
+        module = llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat)
+        return llm_lib.DecoderOnlyLM(module, Tokenizer.from_gguf(gguf_path), position), path
+    if location.is_dir():
+        hf_config = read_hf_config(location)
+        if hf_config.get("model_type") in ("t5", "mt5"):
+            return llm_lib.EncoderDecoderLM(
+                t5.T5(t5.T5Config.from_hf(hf_config), dtype=dtype, param_dtype=dtype, remat=remat),
+                tokenizer=None), path
+        from plug_jax.models.tokenizer import Tokenizer
+        module = llama.Llama(llama.LlamaConfig.from_hf(hf_config), dtype=dtype, param_dtype=dtype,
+                             remat=remat)
+        tokenizer = Tokenizer.from_tokenizer_json(location / "tokenizer.json")
+        return llm_lib.DecoderOnlyLM(module, tokenizer, position), path
+    config = _known(path, _FLAN_T5)
+    if config is None:
+        raise ValueError(f"config.llm.path {path!r}: not a local directory or .gguf file, nor a "
+                         f"known name ({', '.join(_FLAN_T5)}, smollm2, tiny-llama, tiny-t5)")
+    # The T5 tokenizer only featurizes text; the loss never touches it.
+    return llm_lib.EncoderDecoderLM(t5.T5(config, dtype=dtype, param_dtype=dtype, remat=remat),
+                                    tokenizer=None), path
+
+
+def encoder_config(encoder: ml_collections.ConfigDict) -> bert.BertConfig:
+    """The sentence encoder's config, as experiment.load_encoder would build it."""
+    pooling = encoder.pooling or None
+    if encoder.path == "tiny-bert":
+        return dataclasses.replace(bert.BertConfig.tiny(pooling or "mean"), vocab_size=30522,
+                                   max_position_embeddings=512)
+    directory = assets.minilm_dir() if encoder.path == "minilm" else Path(encoder.path)
+    if directory.is_dir():
+        return bert.BertConfig.from_hf(read_hf_config(directory), pooling, directory=directory)
+    config = _known(encoder.path, _BGE)
+    if config is None:
+        raise ValueError(f"config.encoder.path {encoder.path!r}: not a local directory nor a known "
+                         f"name ({', '.join(_BGE)}, minilm, tiny-bert)")
+    return dataclasses.replace(config, pooling=pooling or config.pooling)
+
+
+# ---------------------------------------------------------------------------------------------
+# Abstract arguments of train_step.
+
+
+def _llm_init(llm: llm_lib.FrozenLM, rng: jax.Array):
+    tokens, mask = jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool)
+    if isinstance(llm, llm_lib.EncoderDecoderLM):
+        return llm.module.init(rng, tokens, mask, tokens, mask)
+    return llm.module.init(rng, tokens, mask)
+
+
+def abstract_batch(config: ml_collections.ConfigDict, llm: llm_lib.FrozenLM,
+                   history_width: int, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The training batch as pipeline.featurize + pipeline.batches shape it (longest inputs)."""
+    data = config.data
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
+    batch = {
+        "query_tokens": spec((data.max_query_tokens,), jnp.int32),
+        "query_mask": spec((data.max_query_tokens,), bool),
+        "history": spec((data.max_history, history_width), jnp.float32),
+        "history_mask": spec((data.max_history,), bool),
+    }
+    if isinstance(llm, llm_lib.EncoderDecoderLM):
+        length = data.max_input_tokens
+        batch.update(targets=spec((data.max_target_tokens,), jnp.int32),
+                     target_mask=spec((data.max_target_tokens,), bool))
+    else:
+        from plug_jax.data.pipeline import round_up
+        overhead = len(llm._prompt_ids("", 0))  # chat header and generation prompt
+        span = data.max_target_tokens + 1
+        length = round_up(overhead + data.max_input_tokens + span)
+        batch.update(targets=spec((span,), jnp.int32), target_mask=spec((span,), bool),
+                     target_positions=spec((span,), jnp.int32))
+    batch.update(tokens=spec((length,), jnp.int32), mask=spec((length,), bool))
+    return batch
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything train_step takes, abstract, with shardings over one mesh."""
+
+    step_fn: Any
+    args: tuple            # (state, llm_params, batch) of ShapeDtypeStructs
+    in_shardings: tuple
+    out_shardings: tuple
+    param_counts: dict[str, int]
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+    from plug_jax import train  # its top level pulls in tensorboard etc.: only when planning
+
+    rules = [tuple(rule) for rule in config.axis_rules]
+    llm, _ = abstract_llm(config.llm)
+    llm_params, llm_axes = sharding.abstract_with_axes(functools.partial(_llm_init, llm),
+                                                         jax.random.key(0))
+    enc_config = encoder_config(config.encoder)
+    embedder = plug.UserEmbedder(encoder_config=enc_config, llm_width=llm.width,
+                                 soft_token_rms=1.0,  # a value, not a shape: any will do
+                                 projector_hidden=config.plug.projector_hidden)
+    data = config.data
+    plug_params, plug_axes = sharding.abstract_with_axes(
+        embedder.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool),
+        jnp.zeros((1, data.max_history, enc_config.hidden_size)),
+        jnp.ones((1, data.max_history), bool))
+
+    total_steps = config.optim.max_steps or 1000  # shapes do not depend on the schedule
+    optimizer = train.make_optimizer(config.optim, total_steps)
+    state = {"params": plug_params, "opt": jax.eval_shape(optimizer.init, plug_params),
+             "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    batch = abstract_batch(config, llm, enc_config.hidden_size, config.optim.batch_size)
+
+    state_shardings = sharding.train_state_shardings(state["opt"], plug_params, plug_axes, mesh,
+                                                     rules)
+    llm_shardings = sharding.logical_to_shardings(llm_axes, mesh, rules)
+    batch_shardings = {name: sharding.batch_sharding(mesh, rules, len(x.shape))
+                       for name, x in batch.items()}
+    step_fn = functools.partial(train.train_step, embedder=embedder, llm=llm, optimizer=optimizer,
+                                accum_steps=config.optim.grad_accum_steps)
+    count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+    counts = {"llm": count(llm_params), "plug": count(plug_params),
+              "query_encoder": count(plug_params["query_encoder"])}
+    counts["trainable"] = counts["plug"]  # every plug parameter trains; the LLM never does
+    return Setup(step_fn=step_fn, args=(state, llm_params, batch),
+                 in_shardings=(state_shardings, llm_shardings, batch_shardings),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)),
+                 param_counts=counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling and reading the compiled program.
+
+_COLLECTIVE = re.compile(
+    r"=\s*(?P<type>.+?)\s+(?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|"
+    r"collective-permute)(?:-done)?\(")
+_ARRAY = re.compile(r"\b(pred|[subf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "bf16": 2}
+
+
+def _array_bytes(type_text: str) -> int:
+    total = 0
+    for dtype, dims in _ARRAY.findall(type_text):
+        width = _BYTES.get(dtype) or max(1, int(re.sub(r"\D", "", dtype[:4]) or 8) // 8)
+        total += width * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+    return total
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes each collective of the per-device program produces, summed per kind.
+
+    A coarse communication measure: it counts each op once (a loop body once) and ignores the
+    topology; -start/-done pairs count at -done.
+    """
+    totals: dict[str, int] = collections.defaultdict(int)
+    for line in hlo_text.splitlines():
+        if "-start(" in line:
+            continue
+        match = _COLLECTIVE.search(line)
+        if match:
+            totals[match["op"]] += _array_bytes(match["type"])
+    return dict(totals)
+
+
+def _cost(compiled) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+        cost = cost[0] if cost else {}
+    return cost or {}
+
+
+def bytes_per_device(tree: Any, shardings: Any) -> int:
+    """Bytes of the largest shard of each array (shards are equal unless a dimension is uneven)."""
+    return int(sum(np.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                   for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))))
+
+
+_COMPILED: dict[tuple, dict] = {}  # same program, mesh and devices -> same figures (v4-32, v5e-16)
+
+
+def compile_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
+                 mesh_config: Mapping[str, int]) -> dict:
+    """Lowers and compiles train_step for `mesh_config` over `devices`; the raw figures."""
+    shape = sharding.mesh_shape(mesh_config, len(devices))
+    key = (config.to_json_best_effort(sort_keys=True), shape, tuple(d.id for d in devices))
+    if key in _COMPILED:
+        return _COMPILED[key]
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices)
+    rules = [tuple(rule) for rule in config.axis_rules]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        setup = build(config, mesh)
+        args = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            setup.args, setup.in_shardings)
+        update = jax.jit(setup.step_fn, in_shardings=setup.in_shardings,
+                         out_shardings=setup.out_shardings, donate_argnums=(0,))
+        tick = time.perf_counter()
+        lowered = update.lower(*args)
+        lower_seconds = time.perf_counter() - tick
+        tick = time.perf_counter()
+        compiled = lowered.compile()
+        compile_seconds = time.perf_counter() - tick
+
+    stats = compiled.memory_analysis()
+    memory = {
+        "argument": stats.argument_size_in_bytes,
+        "output": stats.output_size_in_bytes,
+        "temp": stats.temp_size_in_bytes,
+        "generated_code": stats.generated_code_size_in_bytes,
+        "alias": stats.alias_size_in_bytes,
+    }
+    # Donated state is both argument and output: count it once.
+    memory["total"] = (memory["argument"] + memory["output"] + memory["temp"]
+                       + memory["generated_code"] - memory["alias"])
+    cost = _cost(compiled)
+    collectives = collective_bytes(compiled.as_text())
+    result = {
+        "mesh": dict(zip(sharding.MESH_AXES, shape)),
+        "memory": memory,
+        "flops_per_device": float(cost.get("flops", 0.0)),
+        "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
+        "collective_bytes_per_device": sum(collectives.values()),
+        "collectives": collectives,
+        "param_counts": setup.param_counts,
+        "lower_seconds": lower_seconds,
+        "compile_seconds": compile_seconds,
+    }
+    # What the arguments hold, per device, from their shardings alone (a check on "argument").
+    for name, tree, shardings in zip(("state", "llm_params", "batch"), setup.args,
+                                     setup.in_shardings):
+        result[f"{name}_bytes_per_device"] = bytes_per_device(tree, shardings)
+    _COMPILED[key] = result
+    return result
+
+
+def plan(config: ml_collections.ConfigDict, target: str | Target = "cpu",
+         mesh: Mapping[str, int] | None = None) -> dict:
+    """Compiles one update step for `target` (over `mesh`, default config.mesh) and sizes it.
+
+    Returns per-device memory in bytes (argument, output, temp, generated_code, alias, total),
+    FLOPs per device and in all, parameter counts, whether it fits the target's memory and the
+    headroom left, compile times, and the caveat that these are CPU-compiler estimates.
+    """
+    target = get_target(target)
+    devices = target_devices(target)
+    mesh_config = dict(mesh if mesh is not None else config.mesh)
+    figures = compile_step(config, devices, mesh_config)
+    result = {
+        "target": target.name,
+        "description": target.description,
+        "num_devices": len(devices),
+        "batch_size": config.optim.batch_size,
+        "accum_steps": config.optim.grad_accum_steps,
+        "llm": config.llm.path,
+        "encoder": config.encoder.path,
+        **figures,
+        "flops_total": figures["flops_per_device"] * len(devices),
+        "hbm_bytes": target.hbm_bytes,
+        "caveat": CAVEAT,
+    }
+    if target.hbm_bytes:
+        result["fits"] = figures["memory"]["total"] <= target.hbm_bytes
+        result["headroom"] = 1.0 - figures["memory"]["total"] / target.hbm_bytes
+    else:
+        result["fits"], result["headroom"] = None, None
+    result["min_step_seconds"] = (figures["flops_per_device"] / target.peak_flops
+                                  if target.peak_flops else None)
+    return result
+
+
+def candidate_meshes(num_devices: int) -> list[dict[str, int]]:
+    """FSDP first, then part of it turned into data or tensor parallelism."""
+    meshes = []
+    for data, tensor in ((1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (1, 4)):
+        if num_devices % (data * tensor) == 0 and data * tensor < num_devices:
+            meshes.append({"data": data, "fsdp": num_devices // (data * tensor), "tensor": tensor})
+    return meshes
+
+
+def search(config: ml_collections.ConfigDict, target: str | Target,
+           meshes: Sequence[Mapping[str, int]] | None = None) -> list[dict]:
+    """Plans every mesh; the list is sorted best first and the best has 'best': True.
+
+    Best: fits, then the least collective traffic per device (FLOPs per device hardly differ
+    between these meshes; moving weights does), then the most headroom. A mesh that cannot
+    partition the program (a dimension not divisible by its axis) comes last, with 'error'.
+    """
+    target = get_target(target)
+    meshes = meshes or candidate_meshes(len(target_devices(target)))
+    plans = []
+    for mesh in meshes:
+        try:
+            plans.append(plan(config, target, mesh))
+        except ValueError as e:  # e.g. an axis that does not divide a parameter or the batch
+            plans.append({"target": target.name, "mesh": dict(mesh), "error": str(e).split("\n")[0]})
+    rank = lambda p: (("error" in p), not p.get("fits", False),
+                      p.get("collective_bytes_per_device", 0), -(p.get("headroom") or 0))
+    plans.sort(key=rank)
+    if plans and plans[0].get("fits"):
+        plans[0]["best"] = True
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing.
+
+
+def _gib(value: float) -> str:
+    return f"{value / GiB:.2f} GiB"
+
+
+def _mesh_text(mesh: Mapping[str, int]) -> str:
+    return ",".join(f"{axis}={mesh[axis]}" for axis in sharding.MESH_AXES)
+
+
+def format_plan(result: dict) -> str:
+    memory, counts = result["memory"], result["param_counts"]
+    lines = [
+        f"target {result['target']} ({result['description']}), {result['num_devices']} devices, "
+        f"mesh {_mesh_text(result['mesh'])}",
+        f"LLM {result['llm']}, encoder {result['encoder']}, batch {result['batch_size']} "
+        f"({result['accum_steps']} microbatch{'es' if result['accum_steps'] > 1 else ''})",
+        f"parameters: frozen LLM {counts['llm'] / 1e9:.3f}B, plug {counts['plug'] / 1e6:.1f}M "
+        f"(query encoder {counts['query_encoder'] / 1e6:.1f}M), trainable {counts['trainable'] / 1e6:.1f}M",
+        "memory per device:",
+        f"  arguments       {_gib(memory['argument']):>12}   (plug state "
+        f"{_gib(result['state_bytes_per_device'])}, LLM {_gib(result['llm_params_bytes_per_device'])}, "
+        f"batch {_gib(result['batch_bytes_per_device'])})",
+        f"  outputs         {_gib(memory['output']):>12}",
+        f"  temporaries     {_gib(memory['temp']):>12}",
+        f"  generated code  {_gib(memory['generated_code']):>12}",
+        f"  aliased         {_gib(memory['alias']):>12}   (donated state, counted once)",
+        f"  total           {_gib(memory['total']):>12}",
+    ]
+    if result["hbm_bytes"]:
+        verdict = "fits" if result["fits"] else "does NOT fit"
+        lines.append(f"  {verdict} in {_gib(result['hbm_bytes'])} HBM: headroom "
+                     f"{100 * result['headroom']:.1f}%")
+    lines.append(f"FLOPs per step: {result['flops_per_device'] / 1e12:.2f} TFLOP per device, "
+                 f"{result['flops_total'] / 1e12:.1f} TFLOP over {result['num_devices']} devices "
+                 "(XLA cost analysis of the per-device program; replicated work counts on each)")
+    if result["min_step_seconds"]:
+        lines.append(f"step time >= {result['min_step_seconds'] * 1e3:.0f} ms at peak bf16 FLOP/s "
+                     "(a bound: real MFU is lower)")
+    lines.append(f"collectives per device: {result['collective_bytes_per_device'] / GiB:.2f} GiB "
+                 f"({', '.join(f'{k} {v / GiB:.2f}' for k, v in sorted(result['collectives'].items())) or 'none'})")
+    lines.append(f"lowered in {result['lower_seconds']:.1f} s, compiled in "
+                 f"{result['compile_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def format_table(plans: Sequence[dict]) -> str:
+    header = (f"{'':2}{'target':8} {'mesh':28} {'args':>9} {'temps':>9} {'total':>9} {'HBM':>9} "
+              f"{'headroom':>9} {'TFLOP/dev':>10} {'comm GiB':>9} {'compile s':>10}")
+    lines = [header, "-" * len(header)]
+    for p in plans:
+        mark = "* " if p.get("best") else "  "
+        if "error" in p:
+            lines.append(f"{mark}{p['target']:8} {_mesh_text(p['mesh']):28} cannot partition: "
+                         f"{p['error'][:60]}")
+            continue
+        m = p["memory"]
+        hbm = f"{p['hbm_bytes'] / GiB:.1f}" if p["hbm_bytes"] else "-"
+        headroom = (f"{100 * p['headroom']:.1f}%" if p["headroom"] is not None else "-")
+        if p.get("fits") is False:
+            headroom += " X"
+        lines.append(
+            f"{mark}{p['target']:8} {_mesh_text(p['mesh']):28} {m['argument'] / GiB:9.2f} "
+            f"{m['temp'] / GiB:9.2f} {m['total'] / GiB:9.2f} {hbm:>9} {headroom:>9} "
+            f"{p['flops_per_device'] / 1e12:10.2f} {p['collective_bytes_per_device'] / GiB:9.2f} "
+            f"{p['compile_seconds']:10.1f}")
+    lines.append("memory in GiB per device; * best fitting mesh (least communication); X does not fit")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _parse_mesh(text: str) -> dict[str, int]:
+    mesh = {}
+    for item in filter(None, text.split(",")):
+        axis, _, size = item.partition("=")
+        if axis not in sharding.MESH_AXES or not size.lstrip("-").isdigit():
+            raise SystemExit(f"--mesh: {item!r} is not AXIS=SIZE with AXIS in {sharding.MESH_AXES}")
+        mesh[axis] = int(size)
+    return mesh
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """'configs/lamp3.py:paper' -> get_config('paper') of that file, as --config reads it."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    if module_spec is None or not Path(path).is_file():
+        raise SystemExit(f"--config: {path} is not a config file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m plug_jax.plan",
+        description="Compile one update step ahead of time from shapes alone and size it for a pod.")
+    parser.add_argument("--config", required=True, help="configs/lampN.py[:ARG], e.g. :paper")
+    parser.add_argument("--target", default="v4-32",
+                        help=f"comma-separated, from {', '.join(TARGETS)} (default v4-32)")
+    parser.add_argument("--mesh", default="", help="data=1,fsdp=16,tensor=1 (default: config.mesh)")
+    parser.add_argument("--batch", type=int, default=0, help="global batch (default: config's)")
+    parser.add_argument("--search", action="store_true", help="try several meshes, mark the best")
+    parser.add_argument("--json", default="", help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    targets = [get_target(name) for name in filter(None, args.target.split(","))]
+    # Before JAX starts its backends: enough CPU devices for the largest target.
+    needed = max((t.num_devices for t in targets), default=0)
+    if needed:
+        use_cpu_devices(needed)
+
+    config = load_config(args.config)
+    if args.batch:
+        config.optim.batch_size = args.batch
+    mesh = _parse_mesh(args.mesh) if args.mesh else None
+
+    results = []
+    for target in targets:
+        if args.search:
+            plans = search(config, target)
+            results.extend(plans)
+            best = next((p for p in plans if p.get("best")), None)
+            if best:
+                print(format_plan(best), end="\n\n")
+        else:
+            result = plan(config, target, mesh)
+            results.append(result)
+            print(format_plan(result), end="\n\n")
+    print(format_table(results))
+    print(CAVEAT)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The user embedder: input-aware aggregation, projection and scaling of the soft tokens."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from plug_jax import embed, plug
+from plug_jax.models import bert
+
+ENCODER = dataclasses.replace(bert.BertConfig.tiny(), vocab_size=64, max_position_embeddings=16)
+
+
+def _embedder(**overrides):
+    fields = dict(encoder_config=ENCODER, llm_width=24, soft_token_rms=0.7, projector_hidden=16)
+    return plug.UserEmbedder(**{**fields, **overrides})
+
+
+def _inputs(batch=3, history=5, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(1, 64, (batch, 6)), jnp.int32)
+    mask = jnp.ones((batch, 6), bool)
+    vectors = jnp.asarray(rng.normal(size=(batch, history, ENCODER.hidden_size)), jnp.float32)
+    history_mask = jnp.asarray(np.arange(history)[None] < np.array([[5], [2], [0]])[:batch])
+    return tokens, mask, vectors, history_mask
+
+
+def test_aggregation_weights_are_a_masked_softmax_of_cosines():
+    query = np.array([[0.6, 0.8]])
+    history = np.array([[[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]]])
+    weights = plug.aggregation_weights(jnp.asarray(query), jnp.asarray(history),
+                                       jnp.asarray([[True, True, False]]))
+    # cosines: item 0 -> 0.6, item 1 -> 0.8, item 2 masked out.
+    expected = np.exp([0.6, 0.8]) / np.exp([0.6, 0.8]).sum()
+    np.testing.assert_allclose(weights[0], [expected[0], expected[1], 0.0], rtol=1e-6)
+
+
+def test_empty_history_gives_zero_persona_and_finite_gradients():
+    module = _embedder()
+    tokens, mask, vectors, history_mask = _inputs()
+    params = module.init(jax.random.key(0), tokens, mask, vectors, history_mask)
+    soft, weights = module.apply(params, tokens, mask, vectors, history_mask, return_weights=True)
+    assert soft.shape == (3, plug.NUM_SOFT_TOKENS, 24)
+    assert np.all(np.isfinite(soft))
+    np.testing.assert_array_equal(weights[2], 0.0)      # user 2 has no history
+    np.testing.assert_array_equal(soft[2, 1], 0.0)      # so no persona ...
+    np.testing.assert_allclose(weights[:2].sum(-1), 1.0, rtol=1e-6)
+    # ... and every soft token that is not zero sits at the LLM's embedding scale.
+    rms = np.sqrt(np.mean(np.square(soft), axis=-1))
+    np.testing.assert_allclose(rms[:, 0], 0.7, rtol=1e-4)
+    np.testing.assert_allclose(rms[:2, 1], 0.7, rtol=1e-4)
+
+    def loss(p):
+        return jnp.sum(module.apply(p, tokens, mask, vectors, history_mask) ** 2)
+
+    grads = jax.grad(loss)(params)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_persona_depends_on_history_and_query():
+    module = _embedder()
+    tokens, mask, vectors, history_mask = _inputs()
+    params = module.init(jax.random.key(0), tokens, mask, vectors, history_mask)
+    soft = module.apply(params, tokens, mask, vectors, history_mask)
+    other_history = module.apply(params, tokens, mask, vectors[::-1], history_mask)
+    other_query = module.apply(params, tokens[:, ::-1], mask, vectors, history_mask)
+    assert not np.allclose(soft[0, 1], other_history[0, 1])
+    assert not np.allclose(soft[0, 1], other_query[0, 1])   # input-aware: the query reweighs
+    np.testing.assert_allclose(soft[:, 0], other_history[:, 0])  # instruction: the same for all
+
+
+def test_frozen_query_encoder_gets_no_gradient():
+    module = _embedder(train_query_encoder=False)
+    tokens, mask, vectors, history_mask = _inputs()
+    params = module.init(jax.random.key(0), tokens, mask, vectors, history_mask)
+    grads = jax.grad(lambda p: jnp.sum(module.apply(p, tokens, mask, vectors, history_mask)))(params)
+    encoder_grads = jax.tree.leaves(grads["params"]["query_encoder"])
+    assert all(np.all(g == 0) for g in encoder_grads)
+    assert any(np.any(g != 0) for g in jax.tree.leaves(grads["params"]["persona_projector"]))
+
+
+def test_embedding_rms():
+    table = np.array([[3.0, 4.0], [0.0, 0.0]])
+    assert plug.embedding_rms(table) == pytest.approx(np.sqrt(25 / 4))
+
+
+def test_history_table_keeps_the_most_recent_items_and_caches(tmp_path):
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return np.array([[len(t), 1.0] for t in texts], np.float32)
+
+    histories = [("a", "bb", "ccc"), ("bb", "dddd"), ()]
+    table = embed.build_history_table(histories, encode, 2, "test-encoder", tmp_path,
+                                      progress=False)
+    assert len(table) == 4 and sum(len(c) for c in calls) == 4  # each distinct text once
+    rows = table.rows(("a", "bb", "ccc"), max_history=2)           # oldest dropped
+    vectors, mask = table.lookup(rows[None])
+    np.testing.assert_array_equal(mask, [[True, True]])
+    np.testing.assert_array_equal(vectors[0, :, 0], [2.0, 3.0])
+    vectors, mask = table.lookup(table.rows((), max_history=2)[None])
+    assert not mask.any() and not vectors.any()
+
+    again = embed.build_history_table(histories, encode, 2, "test-encoder", tmp_path,
+                                      progress=False)
+    assert len(calls) == 1 and again.path == table.path            # read from the cache
+    other = embed.build_history_table(histories, encode, 2, "another-encoder", tmp_path,
+                                      progress=False)
+    assert other.path != table.path and len(calls) == 2            # never a stale cache

@@ -1,0 +1,106 @@
+"""End to end on tiny models: the training step, the run, and what it leaves in the workdir."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import lamp3
+from plug_jax import llm as llm_lib
+from plug_jax import train
+
+
+def _tiny_config(**fields):
+    config = lamp3.get_config("tiny")
+    for dotted, value in fields.items():
+        node = config
+        *path, last = dotted.split("__")
+        for name in path:
+            node = node[name]
+        node[last] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    config = _tiny_config(optim__max_steps=12, optim__epochs=10.0, optim__lr=1e-2)
+    return workdir, train.run(config, workdir)
+
+
+def test_loss_falls_and_the_step_compiles_once(tiny_run):
+    _, result = tiny_run
+    assert len(result.losses) == 12
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3]) - 0.05, result.losses
+    assert result.compilations == 1
+
+
+def test_frozen_llm_is_bit_identical_after_training(tiny_run):
+    _, result = tiny_run
+    _, fresh = llm_lib.load_llm("tiny-llama")
+    after = jax.tree.leaves(result.experiment.llm_params)
+    assert len(after) == len(jax.tree.leaves(fresh))
+    for a, b in zip(after, jax.tree.leaves(fresh)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_only_the_plug_trains(tiny_run):
+    _, result = tiny_run
+    start = result.experiment.init_plug_params(jax.random.key(0))
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                           result.state["params"], start)
+    assert all(jax.tree.leaves(changed["persona_projector"]))
+    assert all(jax.tree.leaves(changed["instruction_projector"]))
+    assert changed["instruction"]
+    assert any(jax.tree.leaves(changed["query_encoder"]))
+
+
+def test_run_writes_metrics_predictions_and_the_plug(tiny_run):
+    workdir, result = tiny_run
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert set(metrics) == {"pplug", "zero-shot"}
+    for method in metrics:
+        assert set(metrics[method]["dev"]) == {"mae", "rmse"}
+    assert metrics == result.metrics
+    predictions = json.loads((workdir / "predictions_pplug_dev.json").read_text())
+    assert predictions["task"] == "LaMP_3"
+    assert len(predictions["golds"]) == len(result.experiment.splits["dev"])
+    assert (workdir / "plug").is_dir()
+    assert list((workdir / "tensorboard").iterdir())
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_run):
+    workdir, result = tiny_run
+    exp = result.experiment
+    from plug_jax.data import pipeline
+
+    features = pipeline.featurize(exp.splits["train"][:8], exp.llm, exp.query_tokenizer, exp.table,
+                                  data_config=exp.config.data, query_instruction="",
+                                  with_targets=True)
+    batch = next(pipeline.batches(features, exp.table, 8))
+    batch.pop("example_mask")
+    params = exp.init_plug_params(jax.random.key(3))
+    optimizer = train.make_optimizer(exp.config.optim, 10)
+    updated = []
+    for accum in (1, 2, 4):
+        state = {"params": params, "opt": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+        step = jax.jit(functools.partial(train.train_step, embedder=exp.embedder, llm=exp.llm,
+                                         optimizer=optimizer, accum_steps=accum))
+        new_state, stats = step(state, exp.llm_params, batch)
+        updated.append((new_state["params"], float(stats["loss"])))
+    for params_k, loss_k in updated[1:]:
+        assert loss_k == pytest.approx(updated[0][1], rel=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     params_k, updated[0][0])
+
+
+def test_t5_family_trains_end_to_end(tmp_path):
+    config = _tiny_config(llm__path="tiny-t5", optim__max_steps=8, optim__epochs=10.0,
+                          optim__lr=1e-2)
+    result = train.run(config, tmp_path)
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
+    assert result.compilations == 1
+    assert set(result.metrics["pplug"]["dev"]) == {"mae", "rmse"}
