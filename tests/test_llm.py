@@ -1,0 +1,111 @@
+"""The frozen-LLM adapters: where soft tokens go, what the loss covers, and that they steer."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from plug_jax import llm as llm_lib
+
+REVIEW = ("What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, "
+          "3, 4, or 5 without further explanation. review: This album is a pleasant listen with a "
+          "few strong songs.")
+
+
+def _arrays(features):
+    return {name: jnp.asarray(value) for name, value in features.items()}
+
+
+def test_decoder_only_loss_covers_exactly_the_answer_tokens():
+    lm, params = llm_lib.load_llm("tiny-llama")
+    features = lm.featurize(["What is 2+2?", "Say hi"], ["4", "hi there"], max_input_tokens=32,
+                            max_target_tokens=4, length=48)
+    batch = _arrays(features)
+    soft = jax.random.normal(jax.random.key(1), (2, 2, lm.width)) * 0.2
+    loss_sum, count = lm.loss(params, soft, batch)
+
+    # By hand: full logits, soft slots removed, next-token NLL at the answer's positions.
+    logits, _ = lm.module.apply({"params": params}, batch["tokens"], batch["mask"],
+                                embedded_prefix=soft, insert_at=lm.insert_at)
+    logits = np.concatenate([logits[:, :lm.insert_at], logits[:, lm.insert_at + 2:]], axis=1)
+    logprobs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    expected, tokens_counted = 0.0, 0
+    for row, answer in enumerate(["4", "hi there"]):
+        answer_ids = lm.tokenizer.encode(answer) + [lm.eos_id]
+        prompt_length = int(features["mask"][row].sum()) - len(answer_ids)
+        ids = features["tokens"][row]
+        np.testing.assert_array_equal(ids[prompt_length:prompt_length + len(answer_ids)],
+                                      answer_ids)
+        for j in range(len(answer_ids)):
+            expected -= logprobs[row, prompt_length - 1 + j, ids[prompt_length + j]]
+            tokens_counted += 1
+    assert float(count) == tokens_counted
+    assert float(loss_sum) == pytest.approx(expected, rel=1e-5)
+
+
+def test_soft_tokens_go_after_the_chat_header():
+    lm, _ = llm_lib.load_llm("tiny-llama")
+    header = lm.tokenizer.decode(lm.featurize(["x"], None, max_input_tokens=8, max_target_tokens=1,
+                                              length=48)["tokens"][0][:lm.insert_at],
+                                 skip_special=False)
+    assert header.endswith("<|im_start|>user\n")
+    start = llm_lib.DecoderOnlyLM(lm.module, lm.tokenizer, "start")
+    assert start.insert_at == 0
+    with pytest.raises(ValueError, match="soft_token_position"):
+        llm_lib.DecoderOnlyLM(lm.module, lm.tokenizer, "middle")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
+def test_soft_tokens_change_the_generated_output(name):
+    lm, params = llm_lib.load_llm(name)
+    batch = _arrays(lm.featurize([REVIEW] * 2, None, max_input_tokens=64, max_target_tokens=4,
+                                 length=96))
+    generate = jax.jit(functools.partial(lm.generate, method="greedy", max_new_tokens=4))
+    plain = np.asarray(generate(params, None, batch))
+    soft = jax.random.normal(jax.random.key(0), (2, 2, lm.width)) * 3.0
+    steered = np.asarray(generate(params, soft, batch))
+    np.testing.assert_array_equal(plain[0], plain[1])
+    assert not np.array_equal(plain, steered)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return llm_lib.load_llm("smollm2")
+
+
+def test_smollm2_soft_token_after_the_header_steers_but_not_at_position_zero(smollm2):
+    """The measured reason for the default position: at slot 0 a soft token sits in the model's
+    attention sink; after the chat header, the same optimisation moves the answer's likelihood
+    much further (measured: target NLL 2.6 -> 1.28 after the header, -> 2.07 at slot 0)."""
+    lm, params = smollm2
+    zero_shot = lm.generate(params, None, _arrays(lm.featurize([REVIEW], None, max_input_tokens=96,
+                                                               max_target_tokens=2, length=96)),
+                            method="greedy", max_new_tokens=2)
+    assert lm.tokenizer.decode(np.asarray(zero_shot)[0]).startswith("1")  # SmolLM2 says 1
+
+    start_vector = lm.embedding_table(params)[jnp.array(lm.tokenizer.encode(" "))][None]
+    losses = {}
+    for position in ("after_chat_header", "start"):
+        placed = llm_lib.DecoderOnlyLM(lm.module, lm.tokenizer, position)
+        batch = _arrays(placed.featurize([REVIEW], ["5"], max_input_tokens=96, max_target_tokens=2,
+                                         length=96))
+        optimizer = optax.adam(0.05)
+
+        @jax.jit
+        def step(llm_params, soft, opt_state, placed=placed, batch=batch):
+            loss, grad = jax.value_and_grad(
+                lambda s: jnp.divide(*placed.loss(llm_params, s, batch)))(soft)
+            updates, opt_state = optimizer.update(grad, opt_state)
+            return optax.apply_updates(soft, updates), opt_state, loss
+
+        soft, opt_state = start_vector, optimizer.init(start_vector)
+        for _ in range(10):
+            soft, opt_state, loss = step(params, soft, opt_state)
+        losses[position] = float(jnp.divide(*placed.loss(params, soft, batch)))
+        losses[position + " before"] = float(jnp.divide(*placed.loss(params, start_vector, batch)))
+    print(losses)
+    assert losses["after_chat_header"] < losses["after_chat_header before"] - 0.8
+    assert losses["after_chat_header"] < losses["start"] - 0.4
