@@ -21,6 +21,7 @@ AXIS_RULES = (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("encoder_embed", None),
+    ("encoder_vocab", None),       # bge's 30522 rows divide by no mesh axis worth having
     ("mlp", "tensor"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -60,8 +61,8 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         dir="",                    # a LaMP directory; empty: generate synthetic data (the default)
         task=task,
         train_split="train",
-        eval_splits=("dev",),
-        synthetic=dict(num_users=96, examples_per_user=4, profile_size=8, seed=0),
+        eval_splits=("dev", "dev_new"),  # dev_new: users never seen in training (skipped if absent)
+        synthetic=dict(num_users=128, examples_per_user=4, profile_size=8, seed=0),
         max_history=32,            # the most recent items the aggregator attends to
         max_input_tokens=96,       # LLM input (without soft tokens), truncated from the end
         max_target_tokens=16,
@@ -90,7 +91,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         warmup_fraction=0.05,
         batch_size=8,
         grad_accum_steps=1,
-        epochs=1.0,
+        epochs=2.0,
         max_steps=60,              # 0: run the epochs
         grad_clip=1.0,
     )

@@ -85,3 +85,27 @@ def build_history_table(histories: Iterable[Sequence[str]], encode: EncodeFn, wi
     save_file({"embeddings": embeddings, "keys": keys}, str(partial))
     partial.rename(path)
     return HistoryTable(embeddings, keys, path)
+
+
+def main(argv) -> None:
+    del argv
+    from absl import flags
+    from plug_jax import experiment
+
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    splits = (config.data.train_split,) + tuple(config.data.eval_splits)
+    examples = experiment.load_splits(config, workdir, splits)
+    table = experiment.history_table(config, workdir, examples,
+                                     *experiment.load_encoder(config.encoder))
+    print(f"{len(table)} distinct history texts, {table.width}-wide embeddings, "
+          f"cached in {table.path}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "A configs/lampN.py file (':paper' for the paper).")
+    flags.DEFINE_string("workdir", None, "The run's directory (the cache goes to <workdir>/cache).")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

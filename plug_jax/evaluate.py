@@ -88,8 +88,9 @@ def evaluate(experiment, plug_params, splits: Sequence[str], workdir: str | Path
     generate_fn = generate_fn or make_generate_fn(experiment)
     config, task = experiment.config, experiment.task
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for split in splits:
-        examples = (examples_override or experiment.splits)[split]
+    available = examples_override or experiment.splits
+    for split in [s for s in splits if s in available]:
+        examples = available[split]
         if config.data.max_eval_examples:
             examples = examples[:config.data.max_eval_examples]
         features = pipeline.featurize(examples, experiment.llm, experiment.query_tokenizer,

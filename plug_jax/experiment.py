@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from plug_jax import embed, llm as llm_lib, plug
+from plug_jax import embed, llm as llm_lib, plug, sharding
 from plug_jax.data import lamp, synthetic
-from plug_jax.models import assets, bert
+from plug_jax.models import assets, bert, layers
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -34,16 +34,23 @@ class Experiment:
     table: embed.HistoryTable
     embedder: plug.UserEmbedder
 
-    def init_plug_params(self, rng: jax.Array):
-        """Fresh projectors and instruction vector; the query encoder starts as the encoder."""
-        data = self.config.data
-        params = self.embedder.init(
+    def _init_plug(self, rng: jax.Array):
+        history = self.config.data.max_history
+        return self.embedder.init(
             rng, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool),
-            jnp.zeros((1, data.max_history, self.table.width)), jnp.ones((1, data.max_history), bool))
-        params = dict(params["params"])
+            jnp.zeros((1, history, self.table.width)), jnp.ones((1, history), bool))
+
+    def plug_shardings(self, mesh) -> Any:
+        """NamedShardings of the plug parameters, from their logical axis names."""
+        _, logical = sharding.abstract_with_axes(self._init_plug, jax.random.key(0))
+        return sharding.logical_to_shardings(logical, mesh, self.config.axis_rules)
+
+    def init_plug_params(self, rng: jax.Array, mesh=None):
+        """Fresh projectors and instruction vector; the query encoder starts as the encoder."""
+        params = dict(layers.unboxed(self._init_plug(rng)["params"]))
         # A copy: the training state is donated to the update, which frees its buffers.
         params["query_encoder"] = jax.tree.map(jnp.copy, self.encoder_params)
-        return params
+        return params if mesh is None else jax.device_put(params, self.plug_shardings(mesh))
 
 
 def data_dir(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
@@ -61,8 +68,16 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
 
 def load_splits(config: ml_collections.ConfigDict, workdir: str | Path,
                 splits: tuple[str, ...]) -> dict[str, list[lamp.Example]]:
+    """The splits whose files exist; an evaluation split without files is skipped, with a note
+    (official LaMP has no dev_new), but the training split must be there."""
     directory = data_dir(config, workdir)
-    return {split: lamp.load_split(directory, split, config.data.task) for split in splits}
+    loaded = {}
+    for split in splits:
+        if split != config.data.train_split and not (directory / f"{split}_questions.json").exists():
+            print(f"note: {directory} has no {split}_questions.json: split '{split}' skipped")
+            continue
+        loaded[split] = lamp.load_split(directory, split, config.data.task)
+    return loaded
 
 
 def load_encoder(encoder: ml_collections.ConfigDict) -> tuple[bert.BertConfig, Any, Path]:
@@ -81,27 +96,35 @@ def load_encoder(encoder: ml_collections.ConfigDict) -> tuple[bert.BertConfig, A
     return config, params, directory
 
 
+def history_table(config: ml_collections.ConfigDict, workdir: str | Path,
+                  examples: dict[str, list[lamp.Example]], encoder_config: bert.BertConfig,
+                  encoder_params: Any, encoder_dir: Path, progress: bool = True
+                  ) -> embed.HistoryTable:
+    """Frozen embeddings of every history text of these splits, from the cache when it has them."""
+    history_encoder = bert.SentenceEncoder(encoder_config, encoder_params,
+                                           bert.bert_tokenizer(encoder_dir),
+                                           max_length=config.encoder.max_length)
+    encoder_id = (f"{config.encoder.path}|{encoder_dir.resolve()}|{encoder_config.pooling}|"
+                  f"{config.encoder.max_length}")
+    return embed.build_history_table(
+        (e.history for split in examples.values() for e in split), history_encoder,
+        encoder_config.hidden_size, encoder_id, config.data.cache_dir or Path(workdir) / "cache",
+        progress=progress)
+
+
 def build(config: ml_collections.ConfigDict, workdir: str | Path,
-          splits: tuple[str, ...] | None = None, progress: bool = True) -> Experiment:
+          splits: tuple[str, ...] | None = None, progress: bool = True, mesh=None) -> Experiment:
+    """With a mesh, the frozen LLM is loaded straight into its shardings."""
     data = config.data
     if splits is None:
         splits = (data.train_split,) + tuple(data.eval_splits)
     examples = load_splits(config, workdir, splits)
-
-    llm, llm_params = llm_lib.load_llm(config.llm.path, _DTYPES[config.llm.dtype],
-                                       config.llm.soft_token_position, config.llm.remat)
-
     encoder_config, encoder_params, encoder_dir = load_encoder(config.encoder)
-    history_encoder = bert.SentenceEncoder(encoder_config, encoder_params,
-                                           bert.bert_tokenizer(encoder_dir),
-                                           max_length=config.encoder.max_length)
-    encoder_id = f"{config.encoder.path}|{encoder_dir.resolve()}|{encoder_config.pooling}|" \
-                 f"{config.encoder.max_length}"
-    cache_dir = data.cache_dir or Path(workdir) / "cache"
-    table = embed.build_history_table((e.history for split in examples.values() for e in split),
-                                      history_encoder, encoder_config.hidden_size, encoder_id,
-                                      cache_dir, progress=progress)
-
+    table = history_table(config, workdir, examples, encoder_config, encoder_params, encoder_dir,
+                          progress)
+    llm, llm_params = llm_lib.load_llm(config.llm.path, _DTYPES[config.llm.dtype],
+                                       config.llm.soft_token_position, config.llm.remat,
+                                       mesh=mesh, rules=config.axis_rules)
     embedder = plug.UserEmbedder(
         encoder_config=encoder_config, llm_width=llm.width,
         soft_token_rms=plug.embedding_rms(llm.embedding_table(llm_params)),

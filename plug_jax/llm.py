@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,14 +216,26 @@ def _tiny_t5(dtype, soft_token_position, remat):
 TINY_MODELS = {"tiny-llama": _tiny_llama, "tiny-t5": _tiny_t5}
 
 
+def param_shardings(family, mesh, rules) -> Callable[[Any], Any] | None:
+    """config -> NamedShardings of the family's parameters (None without a mesh)."""
+    if mesh is None:
+        return None
+    return lambda config: nn.logical_to_mesh_sharding(family.param_logical_axes(config), mesh,
+                                                      [tuple(rule) for rule in rules])
+
+
 def load_llm(path: str, dtype=jnp.float32, soft_token_position: str = "after_chat_header",
-             remat: bool = False) -> tuple[FrozenLM, dict]:
+             remat: bool = False, mesh=None, rules=()) -> tuple[FrozenLM, dict]:
     """'smollm2' (embedded), a .gguf file, or a Hugging Face directory (Llama family or T5).
 
     'tiny-llama' and 'tiny-t5' are small random models with real tokenizers, for smoke tests.
     """
     if path in TINY_MODELS:
-        return TINY_MODELS[path](dtype, soft_token_position, remat)
+        lm, params = TINY_MODELS[path](dtype, soft_token_position, remat)
+        family = llama if isinstance(lm, DecoderOnlyLM) else t5
+        shardings = param_shardings(family, mesh, rules)
+        return lm, params if shardings is None else jax.device_put(params,
+                                                                   shardings(lm.module.config))
     if path == "smollm2":
         path = str(assets.smollm2_gguf())
     location = Path(path)
@@ -230,19 +243,19 @@ def load_llm(path: str, dtype=jnp.float32, soft_token_position: str = "after_cha
         raise FileNotFoundError(f"config.llm.path: {path} does not exist (a .gguf file or an HF "
                                 "checkpoint directory; 'smollm2' for the embedded default)")
     if location.suffix == ".gguf":
-        config, params = llama.load_llama(location, dtype)
+        config, params = llama.load_llama(location, dtype, param_shardings(llama, mesh, rules))
         return DecoderOnlyLM(llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat),
                              Tokenizer.from_gguf(location), soft_token_position), params
     from plug_jax.models.loading import read_hf_config
     model_type = read_hf_config(location).get("model_type")
     if model_type == "t5":
-        config, params = t5.load_t5(location, dtype)
+        config, params = t5.load_t5(location, dtype, shardings=param_shardings(t5, mesh, rules))
         tokenizer_file = location / "tokenizer.json"
         if not tokenizer_file.exists():
             tokenizer_file = assets.t5_tokenizer_json()
         return EncoderDecoderLM(t5.T5(config, dtype=dtype, param_dtype=dtype, remat=remat),
                                 Tokenizer.from_tokenizer_json(tokenizer_file)), params
-    config, params = llama.load_llama(location, dtype)
+    config, params = llama.load_llama(location, dtype, param_shardings(llama, mesh, rules))
     tokenizer = Tokenizer.from_tokenizer_json(location / "tokenizer.json")
     return DecoderOnlyLM(llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat),
                          tokenizer, soft_token_position), params

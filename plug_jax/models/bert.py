@@ -229,7 +229,7 @@ class Bert(nn.Module):
         if token_types is None:
             token_types = jnp.zeros_like(tokens)
         positions = jnp.arange(tokens.shape[1])[None, :]
-        x = (_embed(config.vocab_size, config.hidden_size, ("vocab", "embed"), **kw,
+        x = (_embed(config.vocab_size, config.hidden_size, ("encoder_vocab", "embed"), **kw,
                     name="word_embeddings")(tokens)
              + _embed(config.max_position_embeddings, config.hidden_size, ("positions", "embed"), **kw,
                       name="position_embeddings")(positions)

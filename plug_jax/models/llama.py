@@ -400,6 +400,8 @@ def load_llama(path: str | Path, dtype: Dtype = jnp.bfloat16,
         config = LlamaConfig.from_hf(hf_config)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    if callable(shardings):  # shardings follow from the config, known only now
+        shardings = shardings(config)
     params = loading.load_params(abstract_params(config, dtype), source, LLAMA_RULES, dtype, shardings)
     return config, params
 

@@ -586,6 +586,8 @@ def load_t5(directory: str | Path, dtype: Dtype = jnp.bfloat16, *,
     source = SafetensorsSource(directory)
     tied = config.tie_word_embeddings and "lm_head.weight" not in source
     config = dataclasses.replace(config, tie_word_embeddings=tied)
+    if callable(shardings):  # shardings follow from the config, known only now
+        shardings = shardings(config)
     params = load_params(abstract_params(config, dtype), source, T5_RULES, dtype=dtype,
                          shardings=shardings)
     return config, params
