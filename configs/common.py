@@ -97,6 +97,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
     )
     config.decode = dict(method="greedy", num_beams=4, max_new_tokens=_MAX_NEW_TOKENS[task],
                          eval_batch_size=16)
+    config.checkpoint = dict(save_every=200, max_to_keep=3, async_save=True)
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     config.axis_rules = AXIS_RULES
     config.log_every = 5

@@ -30,6 +30,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from flax.core import meta
 from jax.experimental import multihost_utils
 
 from plug_jax import plug
@@ -118,10 +120,6 @@ def _host_tree(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
-def _directory_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 # ------------------------------------------------------------------------ training checkpoints
 
 class TrainCheckpointer:
@@ -136,16 +134,21 @@ class TrainCheckpointer:
                  async_save: bool = True, plug_config: Mapping[str, Any] | None = None):
         self.directory = (Path(workdir) / CHECKPOINT_DIR).absolute()
         self.save_every = save_every
+        # Only every N steps (0: only forced saves): no save at the first step as Orbax's default
+        # policy would, and preemption is PreemptionGuard's business.
+        policies = ocp.checkpoint_managers
+        policy = (policies.FixedIntervalPolicy(save_every) if save_every > 0
+                  else policies.SpecificStepsPolicy(()))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
-            # Only every N steps: no save at the first step, and preemption is PreemptionGuard's.
-            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+            save_decision_policy=policy,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # leftovers of a save that a kill interrupted
             create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "rng", "data"))
         if plug_config is not None and jax.process_index() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
             (self.directory / PLUG_CONFIG_FILE).write_text(
                 json.dumps(dict(plug_config), indent=2, sort_keys=True) + "\n")
 
@@ -208,12 +211,11 @@ class TrainCheckpointer:
             data=ocp.args.JsonRestore()))
         data = restored["data"]
         raw = np.asarray(restored["rng"]["key_data"])
-        if typed:
-            rng = jax.random.wrap_key_data(raw, impl=data["rng_impl"])
-        else:
-            rng = jnp.asarray(raw)
-        if getattr(abstract_rng, "sharding", None) is not None:
-            rng = jax.device_put(rng, abstract_rng.sharding)
+        impl = data["rng_impl"]
+        to_key = (lambda x: jax.random.wrap_key_data(x, impl=impl)) if typed else jnp.asarray
+        # jit places the same host value on any sharding, spanning other processes' devices too
+        # (device_put cannot).
+        rng = jax.jit(to_key, out_shardings=getattr(abstract_rng, "sharding", None))(raw)
         states = data["data_states"]
         if len(states) == jax.process_count():
             data_state = _decode_data_state(states[jax.process_index()])
@@ -252,29 +254,56 @@ def checkpoint_steps(workdir: str | Path) -> list[int]:
     return sorted(ocp.utils.checkpoint_steps(directory)) if directory.exists() else []
 
 
+def _path_names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _match_structure(saved: Any, abstract: Any) -> Any:
+    """`saved`'s arrays arranged as `abstract`; a boxed param (flax's logical partitioning) is
+    saved as {"value": array}, so either side may have that extra level."""
+    flat_saved, _ = jax.tree_util.tree_flatten_with_path(saved)
+    by_path = {_path_names(path): leaf for path, leaf in flat_saved}
+    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    leaves = []
+    for path, target in paths:
+        names = _path_names(path)
+        candidates = [names, names + ("value",)]
+        if names[-1:] == ("value",):
+            candidates.append(names[:-1])
+        found = next((by_path[c] for c in candidates if c in by_path), None)
+        if found is None:
+            raise KeyError(f"the checkpoint has no param {'/'.join(names)}")
+        if tuple(found.shape) != tuple(target.shape):
+            raise ValueError(f"param {'/'.join(names)}: checkpoint shape {found.shape}, "
+                             f"expected {target.shape}")
+        leaves.append(found)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def restore_params(workdir: str | Path, abstract_params: Any, step: int | None = None
                    ) -> tuple[Any, int]:
-    """(plug params, step) of a training checkpoint, read alone (no optimizer state, no key).
-
-    Leaves of `abstract_params` without a sharding come back as numpy arrays.
-    """
+    """(plug params as numpy arrays, step) of a training checkpoint, read alone (no optimizer
+    state, no key), arranged like `abstract_params` (boxed or not)."""
     directory = (Path(workdir) / CHECKPOINT_DIR).absolute()
     steps = checkpoint_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"{directory}: no training checkpoint")
     step = max(steps) if step is None else int(step)
     if step not in steps:
-        raise FileNotFoundError(f"{directory}: no checkpoint of step {step} (have {sorted(steps)})")
-    item = {"params": abstract_of(abstract_params)}
-    restore_args = jax.tree.map(
-        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding) if x.sharding is not None
-        else ocp.RestoreArgs(restore_type=np.ndarray), item)
+        raise FileNotFoundError(f"{directory}: no checkpoint of step {step} (have {steps})")
+    path = directory / str(step) / "state"
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        # The saved structure, not the caller's: params may have been saved boxed.
+        saved = handler.metadata(epath.Path(path)).tree["params"]
+    finally:
+        handler.close()
+    item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(
-            directory / str(step) / "state",
-            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                        partial_restore=True))
-    return restored["params"], step
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+    return _match_structure(restored["params"], abstract_params), step
 
 
 def read_plug_config(workdir: str | Path) -> dict | None:
@@ -330,14 +359,18 @@ class PreemptionGuard:
 
     def __enter__(self) -> "PreemptionGuard":
         self._use_service = _preemption_service_active()
-        if threading.current_thread() is not threading.main_thread():
-            logging.warning("PreemptionGuard outside the main thread: no signal handlers installed")
-            return self
         for signum in self._signals:
             if signum == signal.SIGTERM and self._use_service:
                 continue  # replacing it would blind the coordination service
-            self._previous[signum] = signal.signal(signum, self._handle)
+            self._install(signum)
         return self
+
+    def _install(self, signum: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            logging.warning("PreemptionGuard outside the main thread: no handler for %s",
+                            signal.Signals(signum).name)
+        elif signum not in self._previous:
+            self._previous[signum] = signal.signal(signum, self._handle)
 
     def __exit__(self, *exc) -> None:
         for signum, previous in self._previous.items():
@@ -352,8 +385,9 @@ class PreemptionGuard:
         if self._use_service:
             try:
                 stop = multihost_utils.reached_preemption_sync_point(int(step))
-            except RuntimeError:  # the service is off after all
+            except RuntimeError:  # the service is off after all: catch SIGTERM ourselves
                 self._use_service = False
+                self._install(signal.SIGTERM)
         if jax.process_count() > 1:
             if step % self.sync_every == 0:
                 flags = multihost_utils.process_allgather(
@@ -364,7 +398,8 @@ class PreemptionGuard:
         if stop:
             self.stop_step = int(step)
             reason = (signal.Signals(self._received).name if self._received is not None
-                      else "preemption notice")
+                      else "preemption sync point" if self._use_service
+                      else "a signal to another process")
             logging.warning("stopping at step %d (%s)", step, reason)
         return stop
 
@@ -442,13 +477,13 @@ def abstract_plug_params(embedder: plug.UserEmbedder) -> Any:
 
 
 def export_plug(out_dir: str | Path, plug_params: Any, plug_config: Mapping[str, Any]) -> Path:
-    """Writes <out_dir>/params (the plug's params, on host) and <out_dir>/plug_config.json.
+    """Writes <out_dir>/params (the plug's params, unboxed, on host) and <out_dir>/plug_config.json.
 
     All processes must call it (sharded params are gathered); the config is written last, so a
     directory with one holds a complete export.
     """
     out_dir = Path(out_dir).absolute()
-    params = _host_tree(plug_params)
+    params = _host_tree(unboxed(plug_params))
     plug_config = dict(plug_config, format=EXPORT_FORMAT,
                        num_params=int(sum(x.size for x in jax.tree.leaves(params))))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -459,7 +494,8 @@ def export_plug(out_dir: str | Path, plug_params: Any, plug_config: Mapping[str,
         checkpointer.save(out_dir / EXPORT_PARAMS_DIR, params, force=True)
     if jax.process_index() == 0:
         config_path.write_text(json.dumps(plug_config, indent=2, sort_keys=True) + "\n")
-    multihost_utils.sync_global_devices("plug_jax.export_plug")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("plug_jax.export_plug")
     return out_dir
 
 
@@ -476,18 +512,17 @@ def load_exported_plug(path: str | Path, shardings: Any = None) -> tuple[dict, A
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings),
-                                abstract)
-    else:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                abstract, shardings)
+        shardings = jax.tree.map(lambda _: shardings, abstract)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, shardings)
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(path / EXPORT_PARAMS_DIR, abstract)
     return plug_config, params
 
 
 def export_size_bytes(path: str | Path) -> int:
-    return _directory_bytes(Path(path))
+    """Bytes on disk under `path` (an export, or any checkpoint directory)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 # --------------------------------------------------------------------- the plug alone, by path
@@ -505,9 +540,12 @@ def load_plug(path: str | Path, like: Any) -> Any:
     shardings of `like`."""
     path = Path(path).absolute()
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no saved plug (train first: python -m plug_jax.train ...)")
-    if (path / PLUG_CONFIG_FILE).exists():
-        path = path / EXPORT_PARAMS_DIR
-    abstract = _with_default_shardings(abstract_of(like))
+        raise FileNotFoundError(f"{path}: no saved plug "
+                                "(train first: python -m plug_jax.train ...)")
+    exported = (path / PLUG_CONFIG_FILE).exists()
+    abstract = _with_default_shardings(abstract_of(unboxed(like) if exported else like))
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(path, abstract)
+        if not exported:
+            return checkpointer.restore(path, abstract)
+        params = checkpointer.restore(path / EXPORT_PARAMS_DIR, abstract)
+    return meta.replace_boxed(like, params)  # exports are unboxed; `like` may carry axis names

@@ -23,7 +23,9 @@ from tqdm import tqdm
 from plug_jax import checkpoint, decode, metrics
 from plug_jax.data import lamp, pipeline
 
-ZERO_SHOT, PPLUG = "zero-shot", "pplug"
+PPLUG = "pplug"
+NO_HISTORY = "pplug-no-history"  # the same plug, every history emptied: what the persona adds
+ZERO_SHOT = "zero-shot"          # the frozen LLM alone
 
 
 def _generate(llm_params, plug_params, batch, *, experiment, decode_config):
@@ -82,9 +84,10 @@ def target_nll(experiment, plug_params, examples: Sequence[lamp.Example]) -> flo
 
 
 def evaluate(experiment, plug_params, splits: Sequence[str], workdir: str | Path, *,
-             with_zero_shot: bool = True, generate_fn=None,
+             baselines: bool = True, generate_fn=None, write: bool = True,
              examples_override: dict[str, list[lamp.Example]] | None = None) -> dict:
-    """{method: {split: {metric: value}}} for PPlug (and zero-shot); writes predictions files."""
+    """{method: {split: {metric: value}}} for PPlug and, with `baselines`, the same plug without
+    histories and the zero-shot LLM; writes each method's predictions in LaMP format."""
     generate_fn = generate_fn or make_generate_fn(experiment)
     config, task = experiment.config, experiment.task
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -98,11 +101,15 @@ def evaluate(experiment, plug_params, splits: Sequence[str], workdir: str | Path
                                       query_instruction=config.encoder.query_instruction,
                                       with_targets=False)
         golds = [e.target for e in examples]
-        methods = [(PPLUG, plug_params)] + ([(ZERO_SHOT, None)] if with_zero_shot else [])
-        for method, params in methods:
-            outputs = predict(generate_fn, experiment, params, features, desc=f"{method} {split}")
-            lamp.write_predictions(Path(workdir) / f"predictions_{method}_{split}.json", task.name,
-                                   [e.id for e in examples], outputs)
+        methods = [(PPLUG, plug_params, features)]
+        if baselines:
+            no_history = {**features, "history_rows": np.full_like(features["history_rows"], -1)}
+            methods += [(NO_HISTORY, plug_params, no_history), (ZERO_SHOT, None, features)]
+        for method, params, inputs in methods:
+            outputs = predict(generate_fn, experiment, params, inputs, desc=f"{method} {split}")
+            if write:
+                lamp.write_predictions(Path(workdir) / f"predictions_{method}_{split}.json",
+                                       task.name, [e.id for e in examples], outputs)
             if all(g is not None for g in golds):
                 results.setdefault(method, {})[split] = metrics.evaluate(task.name, outputs, golds)
     return results
@@ -116,9 +123,9 @@ def format_table(results: dict, task_name: str) -> str:
         return "(no split with gold outputs to score)"
     names = list(rows[0][2])
     headline = metrics.headline_metric(task_name)
-    lines = [f"{'method':<10} {'split':<8} " + " ".join(f"{n:>9}" for n in names)]
+    lines = [f"{'method':<17} {'split':<8} " + " ".join(f"{n:>9}" for n in names)]
     for method, split, values in rows:
-        lines.append(f"{method:<10} {split:<8} " + " ".join(f"{values[n]:9.4f}" for n in names))
+        lines.append(f"{method:<17} {split:<8} " + " ".join(f"{values[n]:9.4f}" for n in names))
     lines.append(f"({headline.name}: {'higher' if headline.higher_is_better else 'lower'} is better)")
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ else from <workdir>/config.json (which loads the LLM once, to measure its embedd
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +20,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 
 from plug_jax import checkpoint, plug
 
@@ -41,12 +42,14 @@ def plug_config_from_run_config(config: ml_collections.ConfigDict) -> dict:
 def read_plug_config(workdir: Path) -> dict:
     plug_config = checkpoint.read_plug_config(workdir)
     if plug_config is not None:
-        print(f"plug description: {workdir / checkpoint.CHECKPOINT_DIR / checkpoint.PLUG_CONFIG_FILE}")
+        path = workdir / checkpoint.CHECKPOINT_DIR / checkpoint.PLUG_CONFIG_FILE
+        print(f"plug description: {path}")
         return plug_config
     config_path = workdir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{workdir}: neither {checkpoint.CHECKPOINT_DIR}/"
-                                f"{checkpoint.PLUG_CONFIG_FILE} nor config.json (not a training run?)")
+                                f"{checkpoint.PLUG_CONFIG_FILE} nor config.json "
+                                "(not a training run?)")
     print(f"plug description: rebuilt from {config_path} (loading the LLM for its width and "
           f"embedding RMS)")
     config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
@@ -54,11 +57,15 @@ def read_plug_config(workdir: Path) -> dict:
 
 
 def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
+    """Writes the plug of `workdir`'s latest (or `step`'s) checkpoint to `out`; returns `out`."""
     workdir, started = Path(workdir), time.time()
     steps = checkpoint.checkpoint_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"{workdir / checkpoint.CHECKPOINT_DIR}: no training checkpoint")
     print(f"checkpoints in {workdir / checkpoint.CHECKPOINT_DIR}: steps {steps}")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"{workdir / checkpoint.CHECKPOINT_DIR}: no checkpoint of step "
+                                f"{step} (have {steps})")
     plug_config = read_plug_config(workdir)
     abstract = checkpoint.abstract_plug_params(checkpoint.user_embedder_from_config(plug_config))
     params, step = checkpoint.restore_params(workdir, abstract, step)  # numpy, on this host
@@ -67,14 +74,19 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Pat
     path = checkpoint.export_plug(out, params, plug_config)
     size_mb = checkpoint.export_size_bytes(path) / 1e6
     num_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"exported the plug of step {step} ({num_params / 1e6:.2f}M params, {size_mb:.1f} MB) "
+    print(f"exported the plug of step {step} ({num_params / 1e6:.2f}M params, {size_mb:.2f} MB) "
           f"to {path} in {time.time() - started:.0f} s")
     return path
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines drown the progress
+    try:
+        export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

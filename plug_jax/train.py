@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from plug_jax import checkpoint, evaluate, sharding
 from plug_jax import experiment as experiment_lib
-from plug_jax.data import pipeline
+from plug_jax.data import grain_pipeline, pipeline
 
 ENCODER_GROUP, HEAD_GROUP = "encoder", "head"
 
@@ -97,16 +98,26 @@ def total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
     return min(epochs_steps, config.optim.max_steps) if config.optim.max_steps else epochs_steps
 
 
-def train_batches(features, table, config, start_step: int):
-    """An endless, seeded stream of training batches (a new shuffle every epoch)."""
-    size = config.optim.batch_size
-    per_epoch = max(1, pipeline.num_examples(features) // size)
-    epoch, offset = divmod(start_step, per_epoch)
-    while True:
-        yield from pipeline.batches(features, table, size, seed=config.seed + epoch,
-                                    drop_remainder=pipeline.num_examples(features) >= size,
-                                    start=offset)
-        epoch, offset = epoch + 1, 0
+def make_featurize(exp, llm_length: int):
+    """Examples -> one batch of fixed-shape arrays, history vectors gathered."""
+
+    def featurize(examples):
+        features = pipeline.featurize(
+            examples, exp.llm, exp.query_tokenizer, exp.table, data_config=exp.config.data,
+            query_instruction=exp.config.encoder.query_instruction, with_targets=True,
+            llm_length=llm_length)
+        features["history"], features["history_mask"] = exp.table.lookup(
+            features.pop("history_rows"))
+        return features
+
+    return featurize
+
+
+def to_global(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays sharded over the batch axes of the mesh."""
+    return {name: jax.make_array_from_process_local_data(
+                sharding.batch_sharding(mesh, rules, value.ndim), value)
+            for name, value in batch.items() if name not in ("index", "example_mask")}
 
 
 @dataclasses.dataclass
@@ -116,13 +127,17 @@ class RunResult:
     metrics: dict
     losses: list[float]
     compilations: int  # of the update function: 1 when shapes never change
+    start_step: int    # > 0 when the run resumed from a checkpoint
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
-    """Trains, evaluates PPlug against the zero-shot LLM, and saves the plug."""
+    """Trains (resuming from the workdir's latest checkpoint), evaluates PPlug against the
+    zero-shot LLM, and exports the plug. SIGTERM saves a checkpoint and exits."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    is_main = jax.process_index() == 0
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     started = time.time()
 
     # ---------------------------------------------------------------- mesh
@@ -131,78 +146,139 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # ------------------------------------------------------------ data, LLM, encoder
         print(f"building the experiment: task {config.data.task}, LLM {config.llm.path}, "
-              f"encoder {config.encoder.path}, data {config.data.dir or 'synthetic'}")
-        exp = experiment_lib.build(config, workdir)
-        train_features = pipeline.featurize(
-            exp.splits[config.data.train_split], exp.llm, exp.query_tokenizer, exp.table,
-            data_config=config.data, query_instruction=config.encoder.query_instruction,
-            with_targets=True)
-        train_features = pipeline.augment(train_features, config.data.augment_copies, config.seed)
-        steps = total_steps(config, pipeline.num_examples(train_features))
-        print(f"{pipeline.num_examples(train_features)} training examples, {steps} steps of "
-              f"batch {config.optim.batch_size}; history table: {len(exp.table)} texts "
-              f"({exp.table.path})")
+              f"encoder {config.encoder.path}, data {config.data.dir or 'synthetic'}, "
+              f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es)")
+        exp = experiment_lib.build(config, workdir, mesh=mesh)
+        train_examples = exp.splits[config.data.train_split]
+        llm_length = pipeline.round_up(
+            max(exp.llm.prompt_lengths([e.input for e in train_examples],
+                                       config.data.max_input_tokens))
+            + config.data.max_target_tokens + 1)
+        num_train = grain_pipeline.num_train_examples(train_examples, config.data.augment_copies,
+                                                      config.data.max_history)
+        steps = total_steps(config, num_train)
+        if config.optim.batch_size % jax.process_count():
+            raise ValueError(f"config.optim.batch_size {config.optim.batch_size} does not divide "
+                             f"over {jax.process_count()} processes")
+        print(f"{num_train} training examples, {steps} steps of batch {config.optim.batch_size}; "
+              f"history table: {len(exp.table)} texts ({exp.table.path})")
 
         # ------------------------------------------------------------ plug init + optimizer
-        params = exp.init_plug_params(jax.random.key(config.seed))
+        params = exp.init_plug_params(jax.random.key(config.seed), mesh)
         optimizer = make_optimizer(config.optim, steps, config.plug.train_query_encoder)
-        state = {"params": params, "opt": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+        state = jax.jit(lambda p: {"params": p, "opt": optimizer.init(p),
+                                   "step": jnp.zeros((), jnp.int32)})(params)
         num_params = sum(x.size for x in jax.tree.leaves(params))
         print(f"plug parameters: {num_params / 1e6:.2f}M (LLM frozen: "
               f"{sum(x.size for x in jax.tree.leaves(exp.llm_params)) / 1e6:.1f}M)")
 
+        # ------------------------------------------------------------ resume
+        rng = jax.random.key(config.seed)
+        plug_config = checkpoint.plug_config_for(exp)
+        checkpointer = checkpoint.TrainCheckpointer.from_config(workdir, config,
+                                                                plug_config=plug_config)
+        dataset = grain_pipeline.make_train_dataset(
+            train_examples, seed=config.seed,
+            batch_size=config.optim.batch_size // jax.process_count(),
+            featurize=make_featurize(exp, llm_length), augment_copies=config.data.augment_copies,
+            max_history=config.data.max_history)
+        batches = iter(dataset)
+        start = 0
+        restored = checkpointer.restore_latest(checkpoint.abstract_of(state),
+                                               checkpoint.abstract_of(rng))
+        if restored is not None:
+            state, rng, data_state, start = restored
+            batches.set_state(data_state)
+            print(f"resumed from the checkpoint of step {start} in {workdir / 'checkpoints'}")
+
         # ------------------------------------------------------------ jitted update
+        # The state keeps its shardings step after step: one compilation.
+        state_shardings = jax.tree.map(lambda x: x.sharding, state)
         update = jax.jit(functools.partial(train_step, embedder=exp.embedder, llm=exp.llm,
                                            optimizer=optimizer,
                                            accum_steps=config.optim.grad_accum_steps),
+                         out_shardings=(state_shardings, sharding.replicated(mesh)),
                          donate_argnums=(0,))
 
         # ------------------------------------------------------------ training loop
-        writer = SummaryWriter(str(workdir / "tensorboard"))
-        batches = train_batches(train_features, exp.table, config, start_step=0)
-        history = []
-        with tqdm(total=steps, desc="training", unit="step") as bar:
-            for step in range(1, steps + 1):
-                batch = next(batches)
-                batch.pop("example_mask")
+        writer = SummaryWriter(str(workdir / "tensorboard")) if is_main else None
+        losses = []
+        with checkpoint.PreemptionGuard() as guard, \
+                tqdm(total=steps, initial=start, desc="training", unit="step",
+                     disable=not is_main) as bar:
+            for step in range(start + 1, steps + 1):
+                batch = to_global(next(batches), mesh, rules)
+                data_state = batches.get_state()
                 tick = time.time()
                 state, stats = update(state, exp.llm_params, batch)
                 stats = jax.device_get(stats)
                 seconds = time.time() - tick
-                history.append(float(stats["loss"]))
-                if step % config.log_every == 0 or step in (1, steps):
+                losses.append(float(stats["loss"]))
+                if writer and (step % config.log_every == 0 or step in (1, steps)):
                     for name, value in stats.items():
                         writer.add_scalar(f"train/{name}", float(value), step)
                     writer.add_scalar("train/examples_per_second",
                                       config.optim.batch_size / seconds, step)
+                    with open(workdir / "train_metrics.jsonl", "a") as log:
+                        log.write(json.dumps({"step": step, **{k: float(v) for k, v in
+                                                               stats.items()}}) + "\n")
                 bar.set_postfix(loss=f"{stats['loss']:.3f}",
                                 ex_per_s=f"{config.optim.batch_size / seconds:.1f}")
                 bar.update(1)
-        print(f"loss: first {np.mean(history[:5]):.4f} -> last {np.mean(history[-5:]):.4f} "
-              f"(mean of 5 steps)")
+                stop = guard.should_stop(step)
+                checkpointer.save(step, state, rng=rng, data_state=data_state,
+                                  force=stop or step == steps)
+                if stop:
+                    checkpointer.close()
+                    print(f"stopped by a signal at step {step}: checkpoint saved; rerun the same "
+                          "command to resume")
+                    raise SystemExit(0)
+        checkpointer.close()
+        if losses:
+            print(f"loss: first {np.mean(losses[:5]):.4f} -> last {np.mean(losses[-5:]):.4f} "
+                  f"(mean of 5 steps)")
 
-        # ------------------------------------------------------------ save + evaluate
-        plug_path = checkpoint.save_plug(workdir / "plug", state["params"])
-        results = evaluate.evaluate(exp, state["params"], tuple(config.data.eval_splits), workdir)
-        for method, by_split in results.items():
-            for split, values in by_split.items():
-                for name, value in values.items():
-                    writer.add_scalar(f"{method}/{split}/{name}", value, steps)
-        writer.close()
+        # ------------------------------------------------------------ export + evaluate
+        plug_path = workdir / "plug"
+        if is_main:
+            checkpoint.export_plug(plug_path, state["params"],
+                                   checkpoint.plug_config_for(exp, step=steps))
+        results = evaluate.evaluate(exp, state["params"], tuple(config.data.eval_splits), workdir,
+                                    write=is_main)
+        if writer:
+            for method, by_split in results.items():
+                for split, values in by_split.items():
+                    for name, value in values.items():
+                        writer.add_scalar(f"{method}/{split}/{name}", value, steps)
+            writer.close()
 
     print(evaluate.format_table(results, exp.task.name))
-    print(f"plug saved to {plug_path}; metrics written to {evaluate.write_metrics(results, workdir)}; "
-          f"{time.time() - started:.0f} s in all")
-    return RunResult(exp, state, results, history, update._cache_size())
+    if is_main:
+        print(f"plug exported to {plug_path}; metrics written to "
+              f"{evaluate.write_metrics(results, workdir)}; {time.time() - started:.0f} s in all")
+    return RunResult(exp, state, results, losses, update._cache_size(), start)
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    if flags.FLAGS.coordinator_address or flags.FLAGS.num_processes:
+        jax.distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                                   flags.FLAGS.process_id)
+    elif any(name in os.environ for name in _CLUSTER_ENV):
+        jax.distributed.initialize()  # TPU pod, SLURM, ...: the cluster says who is who
     run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+# Environment variables by which jax.distributed finds a multi-host cluster by itself.
+_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
+                "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
 
 
 if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "A configs/lampN.py file (':paper' for the paper).")
     flags.DEFINE_string("workdir", None, "Where checkpoints, caches, metrics and logs go.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs).")
+    flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -62,13 +62,25 @@ def test_only_the_plug_trains(tiny_run):
 def test_run_writes_metrics_predictions_and_the_plug(tiny_run):
     workdir, result = tiny_run
     metrics = json.loads((workdir / "metrics.json").read_text())
-    assert set(metrics) == {"pplug", "zero-shot"}
+    assert set(metrics) == {"pplug", "pplug-no-history", "zero-shot"}
     for method in metrics:
         assert set(metrics[method]["dev"]) == {"mae", "rmse"}
     assert metrics == result.metrics
     predictions = json.loads((workdir / "predictions_pplug_dev.json").read_text())
     assert predictions["task"] == "LaMP_3"
     assert len(predictions["golds"]) == len(result.experiment.splits["dev"])
+    # The reported MAE, recomputed by hand from the written predictions and the gold file.
+    gold_file = next((workdir / "data").glob("*/dev_outputs.json"))
+    golds = {g["id"]: float(g["output"]) for g in json.loads(gold_file.read_text())["golds"]}
+    errors = []
+    for p in predictions["golds"]:
+        gold = golds[p["id"]]
+        try:
+            guess = float(p["output"])
+        except ValueError:  # the official worst case
+            guess = 1.0 if abs(1 - gold) > abs(5 - gold) else 5.0
+        errors.append(abs(guess - gold))
+    assert metrics["pplug"]["dev"]["mae"] == pytest.approx(np.mean(errors))
     assert (workdir / "plug").is_dir()
     assert list((workdir / "tensorboard").iterdir())
 

@@ -55,7 +55,7 @@ def shard_options(shard_index: int | None = None,
 
 def augmented_copy(example: lamp.Example, *, seed: int, index: int, copy: int,
                    max_history: int | None = None) -> lamp.Example | None:
-    """Copy number `copy` (1, 2, ...) of the source's example `index`, as `pipeline.augment`.
+    """Copy number `copy` (1, 2, ...) of the source's example `index` (the reference augmentation).
 
     The history (its most recent `max_history` items, the ones the model sees) loses 1 to 50% of
     its items at random, order kept; dates and labels follow. Examples with at most 2 items get

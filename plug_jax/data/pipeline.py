@@ -42,27 +42,6 @@ def featurize(examples: Sequence[Example], llm, query_tokenizer, table: HistoryT
     return features
 
 
-def augment(features: dict[str, np.ndarray], copies: int, seed: int) -> dict[str, np.ndarray]:
-    """The reference augmentation: an example whose user has more than 2 history items appears
-    `copies` more times, each with 1..50% of its history dropped at random (order kept)."""
-    if copies <= 0:
-        return features
-    rng = np.random.default_rng(seed)
-    rows = features["history_rows"]
-    eligible = np.flatnonzero((rows >= 0).sum(axis=1) > 2)
-    index = np.concatenate([np.arange(len(rows)), np.repeat(eligible, copies)])
-    new_rows = rows[index].copy()
-    for i in range(len(rows), len(index)):
-        present = np.flatnonzero(new_rows[i] >= 0)
-        drop_count = rng.integers(1, max(1, len(present) // 2) + 1)
-        kept = np.delete(new_rows[i][present], rng.choice(len(present), drop_count, replace=False))
-        new_rows[i] = -1
-        new_rows[i][:len(kept)] = kept
-    out = {name: array[index] for name, array in features.items()}
-    out["history_rows"] = new_rows
-    return out
-
-
 def num_examples(features: dict[str, np.ndarray]) -> int:
     return len(features["history_rows"])
 
