@@ -33,7 +33,7 @@ Featurize = Callable[[list[lamp.Example]], dict[str, np.ndarray]]
 Indexed = tuple[int, lamp.Example]  # (position in the source, example); -1 marks padding
 
 # The LLM arrays whose axis 1 is the token axis (`llm.featurize`'s output).
-BUCKET_KEYS = ("tokens", "mask", "loss_weights")
+BUCKET_KEYS = ("tokens", "mask")  # answer targets have their own fixed width
 
 
 def shard_options(shard_index: int | None = None,

@@ -1,4 +1,4 @@
-"""From LaMP examples to fixed-shape training and evaluation batches.
+"""From LaMP examples to fixed-shape arrays: featurization, and evaluation batches.
 
 A split is featurized once: LLM tokens (through the frozen LLM's adapter), query-encoder tokens,
 and each example's history as row indices into the frozen history-embedding table, so a 512-item
@@ -46,19 +46,13 @@ def num_examples(features: dict[str, np.ndarray]) -> int:
     return len(features["history_rows"])
 
 
-def batches(features: dict[str, np.ndarray], table: HistoryTable, batch_size: int, *,
-            seed: int | None = None, drop_remainder: bool = False,
-            start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Batches with history vectors gathered; shuffled by `seed` (None: in order).
-
-    A last partial batch is padded with copies of the first example and an `example_mask`.
-    """
+def batches(features: dict[str, np.ndarray], table: HistoryTable,
+            batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """In-order evaluation batches with history vectors gathered. A last partial batch is padded
+    with copies of its first example, marked False in `example_mask`."""
     size = num_examples(features)
-    order = np.arange(size) if seed is None else np.random.default_rng(seed).permutation(size)
-    for begin in range(start * batch_size, size, batch_size):
-        index = order[begin:begin + batch_size]
-        if len(index) < batch_size and drop_remainder:
-            return
+    for begin in range(0, size, batch_size):
+        index = np.arange(begin, min(begin + batch_size, size))
         real = len(index)
         index = np.concatenate([index, np.full(batch_size - real, index[0])])
         batch = {name: array[index] for name, array in features.items()}
