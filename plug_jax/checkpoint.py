@@ -527,25 +527,13 @@ def export_size_bytes(path: str | Path) -> int:
 
 # --------------------------------------------------------------------- the plug alone, by path
 
-def save_plug(path: str | Path, plug_params: Any) -> Path:
-    """Params only, at `path` (no plug_config); `export_plug` writes a self-describing plug."""
-    path = Path(path).absolute()
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, plug_params, force=True)
-    return path
-
-
 def load_plug(path: str | Path, like: Any) -> Any:
-    """Restores plug params (from `save_plug` or `export_plug`) into the structure, shapes and
-    shardings of `like`."""
+    """Restores an exported plug's params into the structure, shapes and shardings of `like`."""
     path = Path(path).absolute()
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no saved plug "
-                                "(train first: python -m plug_jax.train ...)")
-    exported = (path / PLUG_CONFIG_FILE).exists()
-    abstract = _with_default_shardings(abstract_of(unboxed(like) if exported else like))
+    if not (path / PLUG_CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{path}: no exported plug (train first: python -m plug_jax.train "
+                                "..., or export: python -m plug_jax.export ...)")
+    abstract = _with_default_shardings(abstract_of(unboxed(like)))
     with ocp.StandardCheckpointer() as checkpointer:
-        if not exported:
-            return checkpointer.restore(path, abstract)
         params = checkpointer.restore(path / EXPORT_PARAMS_DIR, abstract)
     return meta.replace_boxed(like, params)  # exports are unboxed; `like` may carry axis names

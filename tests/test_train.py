@@ -148,3 +148,13 @@ def test_the_plug_learns_who_the_user_is(tmp_path):
           f"zero-shot {zero_shot_nll:.3f}")
     assert own_nll < shuffled_nll - 0.25
     assert own_nll < zero_shot_nll - 0.25
+
+
+def test_the_exported_plug_reproduces_the_run_metrics(tiny_run, tmp_path):
+    from plug_jax import checkpoint, evaluate
+
+    workdir, result = tiny_run
+    exp = result.experiment
+    plug_params = checkpoint.load_plug(workdir / "plug", exp.init_plug_params(jax.random.key(9)))
+    again = evaluate.evaluate(exp, plug_params, ("dev",), tmp_path, baselines=False)
+    assert again["pplug"]["dev"] == result.metrics["pplug"]["dev"]
