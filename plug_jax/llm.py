@@ -84,6 +84,10 @@ class DecoderOnlyLM:
     def prompt_lengths(self, inputs: Sequence[str], max_input_tokens: int) -> list[int]:
         return [len(self._prompt_ids(text, max_input_tokens)) for text in inputs]
 
+    def sequence_length(self, longest_prompt: int, max_target_tokens: int, with_targets: bool) -> int:
+        """The answer and its end-of-turn token follow the prompt in the same sequence."""
+        return longest_prompt + (max_target_tokens + 1 if with_targets else 0)
+
     def featurize(self, inputs: Sequence[str], targets: Sequence[str] | None, *, max_input_tokens: int,
                   max_target_tokens: int, length: int) -> dict[str, np.ndarray]:
         """Right-padded [prompt + target + end-of-turn] ids; loss weights on the target part.
@@ -146,6 +150,11 @@ class EncoderDecoderLM:
 
     def prompt_lengths(self, inputs: Sequence[str], max_input_tokens: int) -> list[int]:
         return [min(len(self.tokenizer.encode(t)), max_input_tokens - 1) + 1 for t in inputs]
+
+    def sequence_length(self, longest_prompt: int, max_target_tokens: int, with_targets: bool) -> int:
+        """The encoder sees the prompt alone; targets have their own arrays."""
+        del max_target_tokens, with_targets
+        return longest_prompt
 
     def featurize(self, inputs: Sequence[str], targets: Sequence[str] | None, *, max_input_tokens: int,
                   max_target_tokens: int, length: int) -> dict[str, np.ndarray]:

@@ -10,7 +10,8 @@ MaxText's train_compile.py does: no weights or data are read and nothing is allo
 chips are simulated by as many host CPU devices; the program is partitioned by the same SPMD
 partitioner jit uses on a TPU or GPU, so per-device argument sizes are exact, while temporaries,
 FLOPs and collectives are what the XLA *CPU* compiler makes of it: an estimate of the TPU/GPU
-layout, not a measurement.
+layout, not a measurement. With libtpu importable, `--compiler tpu` compiles for the TPU targets
+with the TPU compiler itself (compile-only devices, no TPU needed): their real figures, slower.
 
 Python: `plan(config, "v4-32")` -> dict; `search(config, "v4-32")` -> list of dicts, best first.
 Both need the target's device count to exist in this process (`use_cpu_devices(n)` right after
@@ -25,7 +26,6 @@ import functools
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,8 +38,10 @@ import numpy as np
 
 from plug_jax import llm as llm_lib
 from plug_jax import plug, sharding
+from plug_jax.data import pipeline
 from plug_jax.models import assets, bert, llama, t5
 from plug_jax.models.loading import read_hf_config
+from plug_jax.models.tokenizer import Tokenizer
 
 GiB = 2**30
 
@@ -49,23 +51,32 @@ class Target:
     name: str
     num_devices: int            # JAX devices in the slice; 0 = the host's CPU devices
     hbm_bytes: float | None     # memory per device
-    peak_flops: float | None    # dense bf16 FLOP/s per device (a bound on step time, not a forecast)
+    peak_flops: float | None    # dense bf16 FLOP/s per device: bounds the step time from below
     description: str
+    # For --compiler tpu: (topology, chip config, chips per host), as libtpu names them.
+    tpu_topology: tuple[str, str, tuple[int, int, int]] | None = None
 
 
 # One JAX device per chip: a v4 chip's two TensorCores act as one device (megacore).
 TARGETS = {
-    "v4-32": Target("v4-32", 16, 32 * GiB, 275e12, "Cloud TPU v4-32: 16 chips, 32 GiB HBM each"),
-    "v5e-16": Target("v5e-16", 16, 16 * GiB, 197e12, "Cloud TPU v5e-16: 16 chips, 16 GiB HBM each"),
+    "v4-32": Target("v4-32", 16, 32 * GiB, 275e12, "Cloud TPU v4-32: 16 chips, 32 GiB HBM each",
+                    ("v4:2x2x4", "megacore", (2, 2, 1))),
+    "v5e-16": Target("v5e-16", 16, 16 * GiB, 197e12, "Cloud TPU v5e-16: 16 chips, 16 GiB HBM each",
+                     ("v5e:4x4", "default", (2, 2, 1))),
     # 81559 MiB is what nvidia-smi reports for an H100 80GB.
     "h100x8": Target("h100x8", 8, 81559 * 2**20, 989e12, "8 x NVIDIA H100 80GB (SXM)"),
-    "cpu": Target("cpu", 0, None, None, "this host's CPU devices"),
+    "cpu": Target("cpu", 0, None, None, "this host's CPU devices, sharing its memory"),
 }
 
-CAVEAT = ("Estimates: the XLA CPU compiler's SPMD partitioning of the same program, standing in for "
-          "the TPU/GPU compiler. Parameter, optimizer-state and batch bytes per device are exact; "
-          "temporaries, FLOPs and collectives depend on the backend's fusion, scheduling and "
-          "precision choices (the CPU backend may compute bf16 ops in f32), so keep >= 10% headroom.")
+CAVEATS = {
+    "cpu": ("Estimates: the XLA CPU compiler's SPMD partitioning of the same program, standing in "
+            "for the TPU/GPU compiler. Parameter, optimizer-state and batch bytes per device are "
+            "exact; temporaries, FLOPs and collectives follow the CPU backend's fusion, scheduling "
+            "and precision (it gathers and multiplies bf16 weights in f32, which overstates "
+            "temporaries and traffic). Leave >= 10% headroom; --compiler tpu gives TPU figures."),
+    "tpu": ("TPU compiler (libtpu, compile-only devices): the memory and FLOPs XLA:TPU plans for "
+            "this program; the runtime adds a little on top. Leave >= 5% headroom."),
+}
 
 # ---------------------------------------------------------------------------------------------
 # Devices. The CPU device count is fixed when JAX's backends start, so set it first.
@@ -77,7 +88,12 @@ def use_cpu_devices(count: int) -> None:
         jax.config.update("jax_num_cpu_devices", count)
 
 
-def target_devices(target: Target) -> list[jax.Device]:
+def target_devices(target: Target, compiler: str = "cpu") -> list[jax.Device]:
+    """The devices to compile for: host CPU devices, or libtpu's compile-only TPU devices."""
+    if compiler == "tpu":
+        return _tpu_devices(target)
+    if compiler != "cpu":
+        raise ValueError(f"compiler {compiler!r} is not 'cpu' or 'tpu'")
     devices = jax.devices("cpu")
     if target.num_devices == 0:
         return devices
@@ -87,6 +103,23 @@ def target_devices(target: Target) -> list[jax.Device]:
             f"{len(devices)} CPU devices: call plug_jax.plan.use_cpu_devices({target.num_devices}) "
             "right after importing jax, or run python -m plug_jax.plan")
     return devices[:target.num_devices]
+
+
+@functools.cache
+def _tpu_devices(target: Target) -> list[jax.Device]:
+    if target.tpu_topology is None:
+        raise ValueError(f"--compiler tpu: target {target.name} is not a TPU slice")
+    import importlib.util
+    if importlib.util.find_spec("libtpu") is None:
+        raise RuntimeError("--compiler tpu needs libtpu (the version jax[tpu] pins); install it "
+                           "apart and put it on PYTHONPATH for planning only: pip install --target "
+                           "DIR --no-deps 'libtpu==0.0.42.*'")
+    from jax.experimental import topologies
+    name, chip_config, host_bounds = target.tpu_topology
+    topology = topologies.get_topology_desc(topology_name=name, platform="tpu",
+                                            chip_config_name=chip_config,
+                                            chips_per_host_bounds=host_bounds, num_slices=1)
+    return list(topology.devices)
 
 
 def get_target(target: str | Target) -> Target:
@@ -139,8 +172,8 @@ def _gguf_llama_config(path: Path) -> llama.LlamaConfig:
         eos_ids=(gguf.metadata(reader, "tokenizer.ggml.eos_token_id"),))
 
 
-def abstract_llm(llm_config: ml_collections.ConfigDict) -> tuple[llm_lib.FrozenLM, str]:
-    """The frozen LLM's adapter (module + tokenizer, no params) and a description.
+def abstract_llm(llm_config: ml_collections.ConfigDict) -> llm_lib.FrozenLM:
+    """The frozen LLM's adapter: module and tokenizer, no parameters.
 
     An existing local directory or .gguf file is read for its config only; otherwise 'smollm2',
     the tiny test models and the Flan-T5 names map to configs here.
@@ -150,34 +183,33 @@ def abstract_llm(llm_config: ml_collections.ConfigDict) -> tuple[llm_lib.FrozenL
     remat = bool(llm_config.get("remat", False))
     position = llm_config.soft_token_position
     location = Path(path)
-    if path in llm_lib.TINY_MODELS:
-        # Tiny models are random and small: building them is cheaper than restating their configs.
-        llm, _ = llm_lib.TINY_MODELS[path](dtype, position, remat)
-        return llm, path
+    decoder_only = lambda config, tokenizer: llm_lib.DecoderOnlyLM(
+        llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat), tokenizer, position)
+    # The T5 tokenizer only featurizes text; the loss never touches it.
+    encoder_decoder = lambda config: llm_lib.EncoderDecoderLM(
+        t5.T5(config, dtype=dtype, param_dtype=dtype, remat=remat), tokenizer=None)
+    if path == "tiny-llama":  # llm._tiny_llama's config, without its random weights
+        tokenizer = Tokenizer.from_gguf(assets.smollm2_gguf())
+        return decoder_only(llama.LlamaConfig.tiny(
+            vocab_size=tokenizer.vocab_size, eos_ids=(tokenizer.eos_id,), bos_id=tokenizer.bos_id,
+            pad_id=tokenizer.pad_id), tokenizer)
+    if path == "tiny-t5":
+        tokenizer = Tokenizer.from_tokenizer_json(assets.t5_tokenizer_json())
+        return encoder_decoder(t5.T5Config.tiny(vocab_size=tokenizer.vocab_size))
     if path == "smollm2" or location.suffix == ".gguf":
         gguf_path = assets.smollm2_gguf() if path == "smollm2" else location
-        config = _gguf_llama_config(gguf_path)
-        from plug_jax.models.tokenizer import Tokenizer
-        module = llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat)
-        return llm_lib.DecoderOnlyLM(module, Tokenizer.from_gguf(gguf_path), position), path
+        return decoder_only(_gguf_llama_config(gguf_path), Tokenizer.from_gguf(gguf_path))
     if location.is_dir():
         hf_config = read_hf_config(location)
         if hf_config.get("model_type") in ("t5", "mt5"):
-            return llm_lib.EncoderDecoderLM(
-                t5.T5(t5.T5Config.from_hf(hf_config), dtype=dtype, param_dtype=dtype, remat=remat),
-                tokenizer=None), path
-        from plug_jax.models.tokenizer import Tokenizer
-        module = llama.Llama(llama.LlamaConfig.from_hf(hf_config), dtype=dtype, param_dtype=dtype,
-                             remat=remat)
-        tokenizer = Tokenizer.from_tokenizer_json(location / "tokenizer.json")
-        return llm_lib.DecoderOnlyLM(module, tokenizer, position), path
+            return encoder_decoder(t5.T5Config.from_hf(hf_config))
+        return decoder_only(llama.LlamaConfig.from_hf(hf_config),
+                            Tokenizer.from_tokenizer_json(location / "tokenizer.json"))
     config = _known(path, _FLAN_T5)
     if config is None:
         raise ValueError(f"config.llm.path {path!r}: not a local directory or .gguf file, nor a "
                          f"known name ({', '.join(_FLAN_T5)}, smollm2, tiny-llama, tiny-t5)")
-    # The T5 tokenizer only featurizes text; the loss never touches it.
-    return llm_lib.EncoderDecoderLM(t5.T5(config, dtype=dtype, param_dtype=dtype, remat=remat),
-                                    tokenizer=None), path
+    return encoder_decoder(config)
 
 
 def encoder_config(encoder: ml_collections.ConfigDict) -> bert.BertConfig:
@@ -200,16 +232,28 @@ def encoder_config(encoder: ml_collections.ConfigDict) -> bert.BertConfig:
 # Abstract arguments of train_step.
 
 
-def _llm_init(llm: llm_lib.FrozenLM, rng: jax.Array):
+# Init functions take no arrays: under eval_shape even the key and dummy inputs stay abstract, so
+# nothing runs on the mesh's devices (which may be compile-only TPUs).
+def _llm_init(llm: llm_lib.FrozenLM):
     tokens, mask = jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool)
     if isinstance(llm, llm_lib.EncoderDecoderLM):
-        return llm.module.init(rng, tokens, mask, tokens, mask)
-    return llm.module.init(rng, tokens, mask)
+        return llm.module.init(jax.random.key(0), tokens, mask, tokens, mask)
+    return llm.module.init(jax.random.key(0), tokens, mask)
+
+
+def _plug_init(embedder: plug.UserEmbedder, max_history: int):
+    width = embedder.encoder_config.hidden_size
+    return embedder.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool),
+                         jnp.zeros((1, max_history, width)), jnp.ones((1, max_history), bool))
 
 
 def abstract_batch(config: ml_collections.ConfigDict, llm: llm_lib.FrozenLM,
                    history_width: int, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The training batch as pipeline.featurize + pipeline.batches shape it (longest inputs)."""
+    """The training batch at its largest, dtypes as the pipeline makes them.
+
+    T5's encoder takes max_input_tokens ids; a decoder-only LLM the chat prompt with
+    max_input_tokens of text, then the answer span, rounded up as pipeline.round_up does.
+    """
     data = config.data
     spec = lambda shape, dtype: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
     batch = {
@@ -223,10 +267,9 @@ def abstract_batch(config: ml_collections.ConfigDict, llm: llm_lib.FrozenLM,
         batch.update(targets=spec((data.max_target_tokens,), jnp.int32),
                      target_mask=spec((data.max_target_tokens,), bool))
     else:
-        from plug_jax.data.pipeline import round_up
         overhead = len(llm._prompt_ids("", 0))  # chat header and generation prompt
         span = data.max_target_tokens + 1
-        length = round_up(overhead + data.max_input_tokens + span)
+        length = pipeline.round_up(overhead + data.max_input_tokens + span)
         batch.update(targets=spec((span,), jnp.int32), target_mask=spec((span,), bool),
                      target_positions=spec((span,), jnp.int32))
     batch.update(tokens=spec((length,), jnp.int32), mask=spec((length,), bool))
@@ -245,24 +288,22 @@ class Setup:
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+    """train_step with the plug state, LLM params and batch abstract and sharded over `mesh`."""
     from plug_jax import train  # its top level pulls in tensorboard etc.: only when planning
 
     rules = [tuple(rule) for rule in config.axis_rules]
-    llm, _ = abstract_llm(config.llm)
-    llm_params, llm_axes = sharding.abstract_with_axes(functools.partial(_llm_init, llm),
-                                                         jax.random.key(0))
+    llm = abstract_llm(config.llm)
+    llm_params, llm_axes = sharding.abstract_with_axes(functools.partial(_llm_init, llm))
     enc_config = encoder_config(config.encoder)
     embedder = plug.UserEmbedder(encoder_config=enc_config, llm_width=llm.width,
                                  soft_token_rms=1.0,  # a value, not a shape: any will do
                                  projector_hidden=config.plug.projector_hidden)
-    data = config.data
     plug_params, plug_axes = sharding.abstract_with_axes(
-        embedder.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool),
-        jnp.zeros((1, data.max_history, enc_config.hidden_size)),
-        jnp.ones((1, data.max_history), bool))
+        functools.partial(_plug_init, embedder, config.data.max_history))
 
     total_steps = config.optim.max_steps or 1000  # shapes do not depend on the schedule
-    optimizer = train.make_optimizer(config.optim, total_steps)
+    train_query_encoder = config.plug.get("train_query_encoder", True)
+    optimizer = train.make_optimizer(config.optim, total_steps, train_query_encoder)
     state = {"params": plug_params, "opt": jax.eval_shape(optimizer.init, plug_params),
              "step": jax.ShapeDtypeStruct((), jnp.int32)}
     batch = abstract_batch(config, llm, enc_config.hidden_size, config.optim.batch_size)
@@ -277,7 +318,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
     count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
     counts = {"llm": count(llm_params), "plug": count(plug_params),
               "query_encoder": count(plug_params["query_encoder"])}
-    counts["trainable"] = counts["plug"]  # every plug parameter trains; the LLM never does
+    # The LLM never trains; the query encoder may be frozen (then it has no optimizer state).
+    counts["trainable"] = counts["plug"] - (0 if train_query_encoder else counts["query_encoder"])
     return Setup(step_fn=step_fn, args=(state, llm_params, batch),
                  in_shardings=(state_shardings, llm_shardings, batch_shardings),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -290,15 +332,15 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
 _COLLECTIVE = re.compile(
     r"=\s*(?P<type>.+?)\s+(?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|"
     r"collective-permute)(?:-done)?\(")
-_ARRAY = re.compile(r"\b(pred|[subf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "bf16": 2}
+_ARRAY = re.compile(r"\b(pred|[subfc]\d+|bf16|f8e\w+)\[([\d,]*)\]")
 
 
 def _array_bytes(type_text: str) -> int:
+    """Bytes of the arrays in an HLO type: 'bf16[4096,640]{1,0}', or a tuple of them."""
     total = 0
     for dtype, dims in _ARRAY.findall(type_text):
-        width = _BYTES.get(dtype) or max(1, int(re.sub(r"\D", "", dtype[:4]) or 8) // 8)
-        total += width * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+        bits = 8 if dtype == "pred" or dtype.startswith("f8") else int(dtype.lstrip("bsufc"))
+        total += bits // 8 * int(np.prod([int(d) for d in dims.split(",") if d]))
     return total
 
 
@@ -331,6 +373,11 @@ def bytes_per_device(tree: Any, shardings: Any) -> int:
                    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))))
 
 
+# XLA:CPU's default scheduler favours concurrency and starts every weight all-gather up front, so
+# all of the gathered LLM is live at once (85 GiB per device for the paper's config on v4-32); the
+# memory-minimizing one keeps them near their use, as the TPU/GPU schedulers do (7.8 GiB).
+_CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
 _COMPILED: dict[tuple, dict] = {}  # same program, mesh and devices -> same figures (v4-32, v5e-16)
 
 
@@ -338,7 +385,9 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
                  mesh_config: Mapping[str, int]) -> dict:
     """Lowers and compiles train_step for `mesh_config` over `devices`; the raw figures."""
     shape = sharding.mesh_shape(mesh_config, len(devices))
-    key = (config.to_json_best_effort(sort_keys=True), shape, tuple(d.id for d in devices))
+    platform = devices[0].platform
+    key = (config.to_json_best_effort(sort_keys=True), shape, platform,
+           tuple(d.id for d in devices))
     if key in _COMPILED:
         return _COMPILED[key]
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices)
@@ -353,7 +402,8 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
         lowered = update.lower(*args)
         lower_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
-        compiled = lowered.compile()
+        compiled = lowered.compile(
+            compiler_options=_CPU_COMPILER_OPTIONS if platform == "cpu" else None)
         compile_seconds = time.perf_counter() - tick
 
     stats = compiled.memory_analysis()
@@ -371,6 +421,7 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
     collectives = collective_bytes(compiled.as_text())
     result = {
         "mesh": dict(zip(sharding.MESH_AXES, shape)),
+        "compiler": platform,
         "memory": memory,
         "flops_per_device": float(cost.get("flops", 0.0)),
         "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
@@ -389,15 +440,16 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
 
 
 def plan(config: ml_collections.ConfigDict, target: str | Target = "cpu",
-         mesh: Mapping[str, int] | None = None) -> dict:
+         mesh: Mapping[str, int] | None = None, compiler: str = "cpu") -> dict:
     """Compiles one update step for `target` (over `mesh`, default config.mesh) and sizes it.
 
     Returns per-device memory in bytes (argument, output, temp, generated_code, alias, total),
-    FLOPs per device and in all, parameter counts, whether it fits the target's memory and the
-    headroom left, compile times, and the caveat that these are CPU-compiler estimates.
+    FLOPs per device and in all, collective traffic, parameter counts, whether it fits the
+    target's memory and the headroom left, compile times, and what the figures are worth.
+    compiler: 'cpu' (simulated devices, an estimate) or 'tpu' (libtpu, TPU targets only).
     """
     target = get_target(target)
-    devices = target_devices(target)
+    devices = target_devices(target, compiler)
     mesh_config = dict(mesh if mesh is not None else config.mesh)
     figures = compile_step(config, devices, mesh_config)
     result = {
@@ -410,14 +462,14 @@ def plan(config: ml_collections.ConfigDict, target: str | Target = "cpu",
         "encoder": config.encoder.path,
         **figures,
         "flops_total": figures["flops_per_device"] * len(devices),
-        "hbm_bytes": target.hbm_bytes,
-        "caveat": CAVEAT,
+        "caveat": CAVEATS[compiler],
     }
-    if target.hbm_bytes:
-        result["fits"] = figures["memory"]["total"] <= target.hbm_bytes
-        result["headroom"] = 1.0 - figures["memory"]["total"] / target.hbm_bytes
-    else:
-        result["fits"], result["headroom"] = None, None
+    hbm = target.hbm_bytes
+    if target.name == "cpu":  # host devices share the machine's memory
+        hbm = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / len(devices)
+    result["hbm_bytes"] = hbm
+    result["fits"] = figures["memory"]["total"] <= hbm if hbm else None
+    result["headroom"] = 1.0 - figures["memory"]["total"] / hbm if hbm else None
     result["min_step_seconds"] = (figures["flops_per_device"] / target.peak_flops
                                   if target.peak_flops else None)
     return result
@@ -425,31 +477,33 @@ def plan(config: ml_collections.ConfigDict, target: str | Target = "cpu",
 
 def candidate_meshes(num_devices: int) -> list[dict[str, int]]:
     """FSDP first, then part of it turned into data or tensor parallelism."""
-    meshes = []
-    for data, tensor in ((1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (1, 4)):
+    meshes = [{"data": 1, "fsdp": num_devices, "tensor": 1}]
+    for data, tensor in ((2, 1), (4, 1), (1, 2), (2, 2), (1, 4)):
         if num_devices % (data * tensor) == 0 and data * tensor < num_devices:
             meshes.append({"data": data, "fsdp": num_devices // (data * tensor), "tensor": tensor})
     return meshes
 
 
 def search(config: ml_collections.ConfigDict, target: str | Target,
-           meshes: Sequence[Mapping[str, int]] | None = None) -> list[dict]:
+           meshes: Sequence[Mapping[str, int]] | None = None, compiler: str = "cpu") -> list[dict]:
     """Plans every mesh; the list is sorted best first and the best has 'best': True.
 
-    Best: fits, then the least collective traffic per device (FLOPs per device hardly differ
-    between these meshes; moving weights does), then the most headroom. A mesh that cannot
-    partition the program (a dimension not divisible by its axis) comes last, with 'error'.
+    Best: the one that fits with the most headroom, which is what these figures measure well.
+    Speed is another matter: the table's FLOPs and collective traffic per device inform it, but
+    the CPU compiler's are rough (tensor parallelism costs FLOPs it does not show). A mesh that
+    cannot partition the program (a dimension not divisible by its axis) comes last, with 'error'.
     """
     target = get_target(target)
-    meshes = meshes or candidate_meshes(len(target_devices(target)))
+    meshes = meshes or candidate_meshes(len(target_devices(target, compiler)))
     plans = []
     for mesh in meshes:
         try:
-            plans.append(plan(config, target, mesh))
+            plans.append(plan(config, target, mesh, compiler))
         except ValueError as e:  # e.g. an axis that does not divide a parameter or the batch
-            plans.append({"target": target.name, "mesh": dict(mesh), "error": str(e).split("\n")[0]})
-    rank = lambda p: (("error" in p), not p.get("fits", False),
-                      p.get("collective_bytes_per_device", 0), -(p.get("headroom") or 0))
+            plans.append({"target": target.name, "mesh": dict(mesh),
+                          "error": str(e).split("\n")[0]})
+    rank = lambda p: ("error" in p, not p.get("fits", False), -(p.get("headroom") or 0),
+                      p.get("collective_bytes_per_device", 0))
     plans.sort(key=rank)
     if plans and plans[0].get("fits"):
         plans[0]["best"] = True
@@ -460,8 +514,8 @@ def search(config: ml_collections.ConfigDict, target: str | Target,
 # Printing.
 
 
-def _gib(value: float) -> str:
-    return f"{value / GiB:.2f} GiB"
+def _size(value: float) -> str:
+    return f"{value / GiB:.2f} GiB" if value >= 0.1 * GiB else f"{value / 2**20:.1f} MiB"
 
 
 def _mesh_text(mesh: Mapping[str, int]) -> str:
@@ -476,20 +530,22 @@ def format_plan(result: dict) -> str:
         f"LLM {result['llm']}, encoder {result['encoder']}, batch {result['batch_size']} "
         f"({result['accum_steps']} microbatch{'es' if result['accum_steps'] > 1 else ''})",
         f"parameters: frozen LLM {counts['llm'] / 1e9:.3f}B, plug {counts['plug'] / 1e6:.1f}M "
-        f"(query encoder {counts['query_encoder'] / 1e6:.1f}M), trainable {counts['trainable'] / 1e6:.1f}M",
+        f"(query encoder {counts['query_encoder'] / 1e6:.1f}M), "
+        f"trainable {counts['trainable'] / 1e6:.1f}M",
         "memory per device:",
-        f"  arguments       {_gib(memory['argument']):>12}   (plug state "
-        f"{_gib(result['state_bytes_per_device'])}, LLM {_gib(result['llm_params_bytes_per_device'])}, "
-        f"batch {_gib(result['batch_bytes_per_device'])})",
-        f"  outputs         {_gib(memory['output']):>12}",
-        f"  temporaries     {_gib(memory['temp']):>12}",
-        f"  generated code  {_gib(memory['generated_code']):>12}",
-        f"  aliased         {_gib(memory['alias']):>12}   (donated state, counted once)",
-        f"  total           {_gib(memory['total']):>12}",
+        f"  arguments       {_size(memory['argument']):>12}   "
+        f"(plug state {_size(result['state_bytes_per_device'])}, "
+        f"LLM {_size(result['llm_params_bytes_per_device'])}, "
+        f"batch {_size(result['batch_bytes_per_device'])})",
+        f"  outputs         {_size(memory['output']):>12}",
+        f"  temporaries     {_size(memory['temp']):>12}",
+        f"  generated code  {_size(memory['generated_code']):>12}",
+        f"  aliased         {_size(memory['alias']):>12}   (donated state, counted once)",
+        f"  total           {_size(memory['total']):>12}",
     ]
     if result["hbm_bytes"]:
         verdict = "fits" if result["fits"] else "does NOT fit"
-        lines.append(f"  {verdict} in {_gib(result['hbm_bytes'])} HBM: headroom "
+        lines.append(f"  {verdict} in {_size(result['hbm_bytes'])} per device: headroom "
                      f"{100 * result['headroom']:.1f}%")
     lines.append(f"FLOPs per step: {result['flops_per_device'] / 1e12:.2f} TFLOP per device, "
                  f"{result['flops_total'] / 1e12:.1f} TFLOP over {result['num_devices']} devices "
@@ -497,34 +553,40 @@ def format_plan(result: dict) -> str:
     if result["min_step_seconds"]:
         lines.append(f"step time >= {result['min_step_seconds'] * 1e3:.0f} ms at peak bf16 FLOP/s "
                      "(a bound: real MFU is lower)")
+    kinds = ", ".join(f"{kind} {size / GiB:.2f}"
+                      for kind, size in sorted(result["collectives"].items()))
     lines.append(f"collectives per device: {result['collective_bytes_per_device'] / GiB:.2f} GiB "
-                 f"({', '.join(f'{k} {v / GiB:.2f}' for k, v in sorted(result['collectives'].items())) or 'none'})")
-    lines.append(f"lowered in {result['lower_seconds']:.1f} s, compiled in "
-                 f"{result['compile_seconds']:.1f} s")
+                 f"({kinds or 'none'})")
+    lines.append(f"lowered in {result['lower_seconds']:.1f} s, compiled by XLA:"
+                 f"{result['compiler'].upper()} in {result['compile_seconds']:.1f} s")
     return "\n".join(lines)
 
 
 def format_table(plans: Sequence[dict]) -> str:
-    header = (f"{'':2}{'target':8} {'mesh':28} {'args':>9} {'temps':>9} {'total':>9} {'HBM':>9} "
+    sized = [p for p in plans if "memory" in p]
+    small = sized and max(p["memory"]["total"] for p in sized) < GiB
+    unit, scale = ("MiB", 2**20) if small else ("GiB", GiB)
+    header = (f"{'':2}{'target':8} {'mesh':24} {'args':>8} {'temps':>8} {'total':>8} {'HBM':>8} "
               f"{'headroom':>9} {'TFLOP/dev':>10} {'comm GiB':>9} {'compile s':>10}")
     lines = [header, "-" * len(header)]
     for p in plans:
         mark = "* " if p.get("best") else "  "
         if "error" in p:
-            lines.append(f"{mark}{p['target']:8} {_mesh_text(p['mesh']):28} cannot partition: "
-                         f"{p['error'][:60]}")
+            lines.append(f"{mark}{p['target']:8} {_mesh_text(p['mesh']):24} cannot partition: "
+                         f"{p['error'][:70]}")
             continue
         m = p["memory"]
-        hbm = f"{p['hbm_bytes'] / GiB:.1f}" if p["hbm_bytes"] else "-"
-        headroom = (f"{100 * p['headroom']:.1f}%" if p["headroom"] is not None else "-")
+        hbm = f"{p['hbm_bytes'] / scale:.1f}" if p["hbm_bytes"] else "-"
+        headroom = f"{100 * p['headroom']:.1f}%" if p["headroom"] is not None else "-"
         if p.get("fits") is False:
             headroom += " X"
         lines.append(
-            f"{mark}{p['target']:8} {_mesh_text(p['mesh']):28} {m['argument'] / GiB:9.2f} "
-            f"{m['temp'] / GiB:9.2f} {m['total'] / GiB:9.2f} {hbm:>9} {headroom:>9} "
+            f"{mark}{p['target']:8} {_mesh_text(p['mesh']):24} {m['argument'] / scale:8.2f} "
+            f"{m['temp'] / scale:8.2f} {m['total'] / scale:8.2f} {hbm:>8} {headroom:>9} "
             f"{p['flops_per_device'] / 1e12:10.2f} {p['collective_bytes_per_device'] / GiB:9.2f} "
             f"{p['compile_seconds']:10.1f}")
-    lines.append("memory in GiB per device; * best fitting mesh (least communication); X does not fit")
+    lines.append(f"memory per device in {unit}; comm: bytes out of collectives per device and "
+                 "step; * best fitting mesh (most headroom); X does not fit")
     return "\n".join(lines)
 
 
@@ -560,21 +622,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     parser = argparse.ArgumentParser(
         prog="python -m plug_jax.plan",
-        description="Compile one update step ahead of time from shapes alone and size it for a pod.")
+        description="Compiles one update step ahead of time from shapes alone; sizes it for a pod.")
     parser.add_argument("--config", required=True, help="configs/lampN.py[:ARG], e.g. :paper")
     parser.add_argument("--target", default="v4-32",
                         help=f"comma-separated, from {', '.join(TARGETS)} (default v4-32)")
     parser.add_argument("--mesh", default="", help="data=1,fsdp=16,tensor=1 (default: config.mesh)")
     parser.add_argument("--batch", type=int, default=0, help="global batch (default: config's)")
     parser.add_argument("--search", action="store_true", help="try several meshes, mark the best")
+    parser.add_argument("--compiler", choices=("cpu", "tpu"), default="cpu",
+                        help="cpu: simulated devices (default); tpu: libtpu, for TPU targets")
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args(argv)
 
     targets = [get_target(name) for name in filter(None, args.target.split(","))]
-    # Before JAX starts its backends: enough CPU devices for the largest target.
-    needed = max((t.num_devices for t in targets), default=0)
-    if needed:
-        use_cpu_devices(needed)
+    if args.compiler == "tpu":
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server to ask here
+    else:  # before JAX starts its backends: enough CPU devices for the largest target
+        needed = max((t.num_devices for t in targets), default=0)
+        if needed:
+            use_cpu_devices(needed)
 
     config = load_config(args.config)
     if args.batch:
@@ -584,17 +650,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     results = []
     for target in targets:
         if args.search:
-            plans = search(config, target)
+            plans = search(config, target, compiler=args.compiler)
             results.extend(plans)
             best = next((p for p in plans if p.get("best")), None)
             if best:
                 print(format_plan(best), end="\n\n")
         else:
-            result = plan(config, target, mesh)
+            result = plan(config, target, mesh, args.compiler)
             results.append(result)
             print(format_plan(result), end="\n\n")
     print(format_table(results))
-    print(CAVEAT)
+    print(CAVEATS[args.compiler])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return results

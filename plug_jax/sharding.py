@@ -37,9 +37,19 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
                          devices=devices)
 
 
+def without_activation_constraints():
+    """A context with no logical axis rules, so activation constraints are no-ops.
+
+    Model inits run dummy batches of one row, which a batch axis sharded over the mesh cannot
+    divide; parameters' logical axis names do not depend on the rules.
+    """
+    return nn.logical_axis_rules(())
+
+
 def abstract_with_axes(init_fn: Callable, *args, **kwargs) -> tuple[Any, Any]:
     """Abstract params (ShapeDtypeStructs) and their logical PartitionSpecs, with no FLOPs."""
-    boxed = jax.eval_shape(init_fn, *args, **kwargs)["params"]
+    with without_activation_constraints():
+        boxed = jax.eval_shape(init_fn, *args, **kwargs)["params"]
     return unboxed(boxed), nn.get_partition_spec(boxed)
 
 
@@ -52,6 +62,21 @@ def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
     """Sharding of a host batch array: leading axis over the 'batch' rule, the rest replicated."""
     spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), [tuple(r) for r in rules])
     return NamedSharding(mesh, spec)
+
+
+def process_rows(batch: NamedSharding, batch_size: int) -> slice:
+    """The rows of a global batch that this process's devices hold: a block of them, or all rows
+    where the batch axes do not span the processes (a tensor-only mesh, say)."""
+    shards = int(np.prod([batch.mesh.shape[axis] for axis in jax.tree.leaves(batch.spec[0])]))
+    if batch_size % shards:
+        raise ValueError(f"config.optim.batch_size {batch_size} does not divide over the {shards} "
+                         f"batch shards of mesh {dict(batch.mesh.shape)}")
+    held = sorted({row for index in batch.addressable_devices_indices_map((batch_size,)).values()
+                   for row in range(batch_size)[index[0]]})
+    if held != list(range(held[0], held[-1] + 1)):
+        raise ValueError(f"this process's devices hold rows {held} of each batch, not a block: "
+                         "order the mesh's devices by process")
+    return slice(held[0], held[-1] + 1)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -83,7 +108,7 @@ def optimizer_state_shardings(opt_state: Any, params: Any, param_shardings: Any,
 
 def train_state_shardings(optimizer_state: Any, params: Any, param_logical_specs: Any, mesh: Mesh,
                           rules) -> dict:
-    """Shardings of plug_jax.train's state {'params', 'opt', 'step'}: params by their logical axes."""
+    """Shardings of plug_jax.train's state {'params', 'opt', 'step'}, params by logical axes."""
     param_shardings = logical_to_shardings(param_logical_specs, mesh, rules)
     return {"params": param_shardings,
             "opt": optimizer_state_shardings(optimizer_state, params, param_shardings, mesh),

@@ -29,7 +29,8 @@ def featurize(examples: Sequence[Example], llm, query_tokenizer, table: HistoryT
     targets = [e.target or "" for e in examples] if with_targets else None
     if llm_length is None:
         longest = max(llm.prompt_lengths(inputs, data_config.max_input_tokens), default=1)
-        llm_length = round_up(longest + (data_config.max_target_tokens + 1 if with_targets else 0))
+        llm_length = round_up(llm.sequence_length(longest, data_config.max_target_tokens,
+                                                  with_targets))
     features = llm.featurize(inputs, targets, max_input_tokens=data_config.max_input_tokens,
                              max_target_tokens=data_config.max_target_tokens, length=llm_length)
     queries = [query_instruction + e.query for e in examples]
