@@ -36,9 +36,10 @@ class Experiment:
 
     def _init_plug(self, rng: jax.Array):
         history = self.config.data.max_history
-        return self.embedder.init(
-            rng, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool),
-            jnp.zeros((1, history, self.table.width)), jnp.ones((1, history), bool))
+        with sharding.without_activation_constraints():  # a batch of one row
+            return self.embedder.init(
+                rng, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool),
+                jnp.zeros((1, history, self.table.width)), jnp.ones((1, history), bool))
 
     def plug_shardings(self, mesh) -> Any:
         """NamedShardings of the plug parameters, from their logical axis names."""
@@ -114,17 +115,23 @@ def history_table(config: ml_collections.ConfigDict, workdir: str | Path,
 
 def build(config: ml_collections.ConfigDict, workdir: str | Path,
           splits: tuple[str, ...] | None = None, progress: bool = True, mesh=None) -> Experiment:
-    """With a mesh, the frozen LLM is loaded straight into its shardings."""
+    """With a mesh, the frozen LLM is loaded straight into its shardings.
+
+    Whatever logical axis rules the caller has set are off in here: model inits and the history
+    embedding run batches (of one row, of a power of two) that a sharded batch axis need not
+    divide; the LLM's shardings come from config.axis_rules explicitly.
+    """
     data = config.data
     if splits is None:
         splits = (data.train_split,) + tuple(data.eval_splits)
     examples = load_splits(config, workdir, splits)
-    encoder_config, encoder_params, encoder_dir = load_encoder(config.encoder)
-    table = history_table(config, workdir, examples, encoder_config, encoder_params, encoder_dir,
-                          progress)
-    llm, llm_params = llm_lib.load_llm(config.llm.path, _DTYPES[config.llm.dtype],
-                                       config.llm.soft_token_position, config.llm.remat,
-                                       mesh=mesh, rules=config.axis_rules)
+    with sharding.without_activation_constraints():
+        encoder_config, encoder_params, encoder_dir = load_encoder(config.encoder)
+        table = history_table(config, workdir, examples, encoder_config, encoder_params,
+                              encoder_dir, progress)
+        llm, llm_params = llm_lib.load_llm(config.llm.path, _DTYPES[config.llm.dtype],
+                                           config.llm.soft_token_position, config.llm.remat,
+                                           mesh=mesh, rules=config.axis_rules)
     embedder = plug.UserEmbedder(
         encoder_config=encoder_config, llm_width=llm.width,
         soft_token_rms=plug.embedding_rms(llm.embedding_table(llm_params)),

@@ -113,11 +113,20 @@ def make_featurize(exp, llm_length: int):
     return featurize
 
 
-def to_global(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays sharded over the batch axes of the mesh."""
+def examples_array(examples: list) -> dict[str, np.ndarray]:
+    """The training stream's batches: the examples themselves, featurized after each process
+    has taken its rows (`process_rows`)."""
+    array = np.empty(len(examples), object)
+    array[:] = examples
+    return {"examples": array}
+
+
+def to_global(batch: dict[str, np.ndarray], mesh, rules, batch_size: int) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays of `batch_size` rows, sharded over the batch axes."""
     return {name: jax.make_array_from_process_local_data(
-                sharding.batch_sharding(mesh, rules, value.ndim), value)
-            for name, value in batch.items() if name not in ("index", "example_mask")}
+                sharding.batch_sharding(mesh, rules, value.ndim), value,
+                (batch_size,) + value.shape[1:])
+            for name, value in batch.items()}
 
 
 @dataclasses.dataclass
@@ -143,31 +152,39 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
     # ---------------------------------------------------------------- mesh
     mesh = sharding.make_mesh(config.mesh)
     rules = [tuple(rule) for rule in config.axis_rules]
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        # ------------------------------------------------------------ data, LLM, encoder
-        print(f"building the experiment: task {config.data.task}, LLM {config.llm.path}, "
-              f"encoder {config.encoder.path}, data {config.data.dir or 'synthetic'}, "
-              f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es)")
-        exp = experiment_lib.build(config, workdir, mesh=mesh)
-        train_examples = exp.splits[config.data.train_split]
-        llm_length = pipeline.round_up(
-            max(exp.llm.prompt_lengths([e.input for e in train_examples],
-                                       config.data.max_input_tokens))
-            + config.data.max_target_tokens + 1)
-        num_train = grain_pipeline.num_train_examples(train_examples, config.data.augment_copies,
-                                                      config.data.max_history)
-        steps = total_steps(config, num_train)
-        if config.optim.batch_size % jax.process_count():
-            raise ValueError(f"config.optim.batch_size {config.optim.batch_size} does not divide "
-                             f"over {jax.process_count()} processes")
-        print(f"{num_train} training examples, {steps} steps of batch {config.optim.batch_size}; "
-              f"history table: {len(exp.table)} texts ({exp.table.path})")
 
-        # ------------------------------------------------------------ plug init + optimizer
-        params = exp.init_plug_params(jax.random.key(config.seed), mesh)
+    # ---------------------------------------------------------------- data, LLM, encoder
+    # Built outside the mesh context, which keys JAX's caches of eager ops: the inits compile
+    # once per process, whatever the mesh; the LLM and the plug go to their shardings by name.
+    print(f"building the experiment: task {config.data.task}, LLM {config.llm.path}, "
+          f"encoder {config.encoder.path}, data {config.data.dir or 'synthetic'}, "
+          f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es)")
+    exp = experiment_lib.build(config, workdir, mesh=mesh)
+    train_examples = exp.splits[config.data.train_split]
+    llm_length = pipeline.round_up(
+        max(exp.llm.prompt_lengths([e.input for e in train_examples],
+                                   config.data.max_input_tokens))
+        + config.data.max_target_tokens + 1)
+    num_train = grain_pipeline.num_train_examples(train_examples, config.data.augment_copies,
+                                                  config.data.max_history)
+    steps = total_steps(config, num_train)
+    rows = sharding.process_rows(sharding.batch_sharding(mesh, rules, 1), config.optim.batch_size)
+    print(f"{num_train} training examples, {steps} steps of batch {config.optim.batch_size}; "
+          f"history table: {len(exp.table)} texts ({exp.table.path})")
+
+    # ---------------------------------------------------------------- plug init + optimizer
+    params = exp.init_plug_params(jax.random.key(config.seed), mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         optimizer = make_optimizer(config.optim, steps, config.plug.train_query_encoder)
+        # Adam's moments sharded as their parameters: left to the compiler, they are replicated.
+        param_shardings = jax.tree.map(lambda x: x.sharding, params)
         state = jax.jit(lambda p: {"params": p, "opt": optimizer.init(p),
-                                   "step": jnp.zeros((), jnp.int32)})(params)
+                                   "step": jnp.zeros((), jnp.int32)},
+                        out_shardings={"params": param_shardings,
+                                       "opt": sharding.optimizer_state_shardings(
+                                           jax.eval_shape(optimizer.init, params), params,
+                                           param_shardings, mesh),
+                                       "step": sharding.replicated(mesh)})(params)
         num_params = sum(x.size for x in jax.tree.leaves(params))
         print(f"plug parameters: {num_params / 1e6:.2f}M (LLM frozen: "
               f"{sum(x.size for x in jax.tree.leaves(exp.llm_params)) / 1e6:.1f}M)")
@@ -177,11 +194,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
         plug_config = checkpoint.plug_config_for(exp)
         checkpointer = checkpoint.TrainCheckpointer.from_config(workdir, config,
                                                                 plug_config=plug_config)
+        # Every process walks the same global batches, so the data are the same whatever the
+        # number of processes, and featurizes only the rows its devices hold (all of them where
+        # the batch axes do not span the processes).
         dataset = grain_pipeline.make_train_dataset(
-            train_examples, seed=config.seed,
-            batch_size=config.optim.batch_size // jax.process_count(),
-            featurize=make_featurize(exp, llm_length), augment_copies=config.data.augment_copies,
-            max_history=config.data.max_history)
+            train_examples, seed=config.seed, batch_size=config.optim.batch_size,
+            featurize=examples_array, augment_copies=config.data.augment_copies,
+            max_history=config.data.max_history, shard_index=0, shard_count=1)
+        featurize = make_featurize(exp, llm_length)
         batches = iter(dataset)
         start = 0
         restored = checkpointer.restore_latest(checkpoint.abstract_of(state),
@@ -207,7 +227,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
                 tqdm(total=steps, initial=start, desc="training", unit="step",
                      disable=not is_main) as bar:
             for step in range(start + 1, steps + 1):
-                batch = to_global(next(batches), mesh, rules)
+                examples = list(next(batches)["examples"][rows])
+                batch = to_global(featurize(examples), mesh, rules, config.optim.batch_size)
                 data_state = batches.get_state()
                 tick = time.time()
                 state, stats = update(state, exp.llm_params, batch)
@@ -240,9 +261,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
 
         # ------------------------------------------------------------ export + evaluate
         plug_path = workdir / "plug"
-        if is_main:
-            checkpoint.export_plug(plug_path, state["params"],
-                                   checkpoint.plug_config_for(exp, step=steps))
+        # Every process: the export gathers params sharded over processes (a collective).
+        checkpoint.export_plug(plug_path, state["params"],
+                               checkpoint.plug_config_for(exp, step=steps))
         results = evaluate.evaluate(exp, state["params"], tuple(config.data.eval_splits), workdir,
                                     write=is_main)
         if writer:

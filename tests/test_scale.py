@@ -1,0 +1,321 @@
+"""Scale-out on CPU: the tiny run on 1 device, on 8 simulated devices under four meshes, and on two
+processes of 4 devices each gives the same losses, with parameters really sharded; a run killed
+mid-way resumes from its last checkpoint to the plug of an uninterrupted run; SIGTERM saves the
+step it stopped at and exits 0.
+
+Every run is a subprocess (the device count is fixed at start-up); the long ones start together,
+so that both cores stay busy. They share a persistent compilation cache, so that what every run
+compiles alike (the eager inits) compiles once per kind of process; it holds executables, not
+results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from plug_jax import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+# The tiny config with a batch that divides over 8 devices, no evaluation, every step logged and
+# a checkpoint every 2 steps: the same flags for every run here.
+FLAGS = ["--config=configs/lamp3.py:tiny", "--config.optim.batch_size=8",
+         f"--config.optim.max_steps={STEPS}", "--config.data.eval_splits=()",
+         "--config.log_every=1", "--config.checkpoint.save_every=2"]
+MESHES = {
+    "data 8": {"data": 8, "fsdp": 1, "tensor": 1},
+    "2x2x2": {"data": 2, "fsdp": 2, "tensor": 2},
+    "fsdp 8": {"data": 1, "fsdp": 8, "tensor": 1},
+    "tensor 8": {"data": 1, "fsdp": 1, "tensor": 8},
+}
+# Max relative difference of a step's loss from the 1-device run's: measured up to ~1e-7
+# (float32 sums in another order), allowed with a wide margin.
+LOSS_RTOL = 1e-5
+
+MESH_SCRIPT = """
+import copy, json, sys
+import jax
+from absl import flags
+from ml_collections import config_flags
+from plug_jax import train
+
+def leaf(tree, suffix):
+    return next(value for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]
+                if jax.tree_util.keystr(path).endswith(suffix))
+
+def describe(x):
+    return {"spec": list(x.sharding.spec), "shape": list(x.shape),
+            "shards": len({str(shard.index) for shard in x.addressable_shards}),
+            "shard_shape": list(x.addressable_shards[0].data.shape)}
+
+config_flags.DEFINE_config_file("config", None, "")
+flags.FLAGS(sys.argv[:1] + sys.argv[3:])
+meshes, out = json.loads(sys.argv[1]), {}
+for name, mesh in meshes.items():
+    config = copy.deepcopy(flags.FLAGS.config)
+    config.mesh = mesh
+    result = train.run(config, f"{sys.argv[2]}/{name.replace(' ', '_')}")
+    llm, state = result.experiment.llm_params, result.state
+    kernel = "['persona_projector']['fc2']['Dense_0']['kernel']"
+    arrays = {"llm embedding": leaf(llm, "['embed_tokens']['embedding']"),
+              "llm mlp kernel": leaf(llm, "['layers_0']['mlp']['gate_proj']['Dense_0']['kernel']"),
+              "plug projector kernel": leaf(state["params"], kernel),
+              "its adam moment": leaf(state["opt"], ".mu" + kernel)}
+    out[name] = {"losses": result.losses,
+                 "arrays": {key: describe(x) for key, x in arrays.items()}}
+with open(f"{sys.argv[2]}/meshes.json", "w") as file:
+    json.dump(out, file)
+"""
+
+# The training CLI, signalling itself at one step's checkpoint save, a deterministic point mid-way
+# (a tiny model's steps take milliseconds): SIGTERM once that checkpoint is on disk; SIGKILL while
+# it is still being written, in the background.
+SIGNALLING_TRAIN = """
+import os, runpy, signal, sys
+from plug_jax import checkpoint
+
+signum, at_step = int(sys.argv.pop(1)), int(sys.argv.pop(1))
+save = checkpoint.TrainCheckpointer.save
+
+def save_then_signal(self, step, *args, **kwargs):
+    saved = save(self, step, *args, **kwargs)
+    if step == at_step:
+        if signum == signal.SIGTERM:
+            self.wait()
+        os.kill(os.getpid(), signum)
+    return saved
+
+checkpoint.TrainCheckpointer.save = save_then_signal
+runpy.run_module("plug_jax.train", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+                JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _start(args: list[str], env: dict, log: Path, devices: int = 1,
+           background: bool = False) -> subprocess.Popen:
+    """A subprocess on `devices` CPU devices; its output goes to `log` (never a full pipe). A
+    background one yields the CPU to the others."""
+    env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    nice = ["nice", "-n", "10"] if background else []
+    with open(log, "w") as out:
+        process = subprocess.Popen([*nice, sys.executable, *args], cwd=REPO, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, text=True)
+    process.log = log
+    return process
+
+
+def _finish(process: subprocess.Popen, timeout: float = 600) -> str:
+    """Its output, once it exited 0."""
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        process.kill()
+    output = process.log.read_text()
+    assert process.returncode == 0, output[-6000:]
+    return output
+
+
+def _train_args(workdir: Path, *extra: str) -> list[str]:
+    return ["-m", "plug_jax.train", *FLAGS, f"--workdir={workdir}", *extra]
+
+
+def _free_ports(count: int) -> list[int]:
+    ports = set()
+    while len(ports) < count:
+        with socket.socket() as probe:
+            probe.bind(("localhost", 0))
+            ports.add(probe.getsockname()[1])
+    return sorted(ports)
+
+
+# Across the two processes: the data axis (each process holds half of every batch); the tensor
+# axis (each holds every row of the batch: its data are replicated over the processes).
+TWO_PROCESS_MESHES = {"2x2x2": MESHES["2x2x2"], "tensor 8": MESHES["tensor 8"]}
+
+
+def _two_process_workdir(root: Path, name: str) -> Path:
+    return root / f"two_processes_{name.replace(' ', '_')}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, env):
+    """The long runs, started at once (a two-process run leaves a core idle while one process
+    compiles) in the background: the four 8-device meshes in one process and each two-process
+    run; and the 1-device reference, which the 1-device tests need first. Each test waits for the
+    runs it checks."""
+    root = tmp_path_factory.mktemp("runs")
+    script = root / "meshes.py"
+    script.write_text(textwrap.dedent(MESH_SCRIPT))
+    (root / "meshes").mkdir()
+    started = {"meshes": [_start([str(script), json.dumps(MESHES), str(root / "meshes"), *FLAGS],
+                                 env, root / "meshes.log", devices=8, background=True)]}
+    for (name, mesh), port in zip(TWO_PROCESS_MESHES.items(),
+                                  _free_ports(len(TWO_PROCESS_MESHES))):
+        workdir = _two_process_workdir(root, name)
+        started[name] = [
+            _start(_train_args(workdir, *(f"--config.mesh.{axis}={size}"
+                                          for axis, size in mesh.items()),
+                               f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                               f"--process_id={index}"),
+                   env, root / f"{workdir.name}_process{index}.log", devices=4,
+                   background=True)
+            for index in range(2)]
+    started["reference"] = [_start(_train_args(root / "one_device"), env,
+                                   root / "one_device.log")]
+    yield root, started
+    for processes in started.values():
+        for process in processes:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def reference(runs) -> Path:
+    """The workdir of the uninterrupted 1-device run."""
+    root, started = runs
+    _finish(started["reference"][0])
+    return root / "one_device"
+
+
+def _losses(workdir: Path) -> list[float]:
+    """Per-step losses from train_metrics.jsonl (the last entry of a step that ran twice)."""
+    by_step = {}
+    for line in (workdir / "train_metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        by_step[record["step"]] = record["loss"]
+    assert sorted(by_step) == list(range(1, STEPS + 1)), by_step
+    return [by_step[step] for step in range(1, STEPS + 1)]
+
+
+def _max_relative_difference(losses, reference_losses) -> float:
+    losses, reference_losses = np.asarray(losses), np.asarray(reference_losses)
+    assert losses.shape == reference_losses.shape == (STEPS,)
+    return float(np.max(np.abs(losses - reference_losses) / np.abs(reference_losses)))
+
+
+def _tree_equal(a, b) -> bool:
+    return (jax.tree.structure(a) == jax.tree.structure(b)
+            and all(np.array_equal(np.asarray(x), np.asarray(y))
+                    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+
+
+def _signalled_run(tmp_path: Path, env: dict, signum: int, at_step: int
+                   ) -> tuple[subprocess.Popen, Path]:
+    script, workdir = tmp_path / "train.py", tmp_path / "run"
+    script.write_text(textwrap.dedent(SIGNALLING_TRAIN))
+    process = _start([str(script), str(int(signum)), str(at_step), *FLAGS,
+                      f"--workdir={workdir}"], env, tmp_path / "signalled.log")
+    try:
+        process.wait(timeout=600)
+    finally:
+        process.kill()
+    return process, workdir
+
+
+# The 1-device runs first: they need only the reference, while the long runs go on.
+
+def test_a_killed_run_resumes_to_the_plug_of_an_uninterrupted_one(reference, env, tmp_path):
+    killed, workdir = _signalled_run(tmp_path, env, signal.SIGKILL, at_step=4)
+    assert killed.returncode == -signal.SIGKILL, killed.log.read_text()[-6000:]
+    saved = checkpoint.checkpoint_steps(workdir)
+    assert saved in ([2], [2, 4]) and not (workdir / "plug").exists()  # killed mid-way
+
+    resumed = _finish(_start(_train_args(workdir), env, tmp_path / "resumed.log"))
+    start = int(resumed.split("resumed from the checkpoint of step ")[1].split()[0])
+    print(f"killed at step 4 with checkpoints {saved} on disk: resumed from step {start}")
+    assert start == max(saved)
+    assert _losses(workdir) == _losses(reference)  # every step, exactly
+    reference_config, reference_plug = checkpoint.load_exported_plug(reference / "plug")
+    config, plug = checkpoint.load_exported_plug(workdir / "plug")
+    assert config == reference_config
+    assert _tree_equal(plug, reference_plug)
+
+
+def test_sigterm_saves_the_step_it_stopped_at_and_exits_zero(reference, env, tmp_path):
+    """SIGTERM during step 2: the run stops at step 3, which no periodic save would keep."""
+    del reference  # only for the compilation cache it fills
+    process, workdir = _signalled_run(tmp_path, env, signal.SIGTERM, at_step=2)
+    output = process.log.read_text()
+    assert process.returncode == 0, output[-6000:]
+    assert "stopped by a signal at step 3: checkpoint saved" in output
+    assert checkpoint.checkpoint_steps(workdir) == [2, 3]
+    assert not (workdir / "plug").exists()
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(runs) -> dict:
+    root, started = runs
+    _finish(started["meshes"][0])
+    return json.loads((root / "meshes" / "meshes.json").read_text())
+
+
+def test_meshes_of_8_devices_give_the_losses_of_1_device(reference, mesh_runs):
+    reference_losses = _losses(reference)
+    assert reference_losses[-1] < reference_losses[0]  # it trains
+    for name, run in mesh_runs.items():
+        difference = _max_relative_difference(run["losses"], reference_losses)
+        print(f"mesh {name}: max relative loss difference {difference:.2e}")
+        assert difference < LOSS_RTOL, (name, run["losses"], reference_losses)
+
+
+# Logical axes (configs/common.py AXIS_RULES): vocab, mlp -> tensor; embed -> fsdp.
+EXPECTED_SPECS = {
+    "llm embedding": ["tensor", "fsdp"],          # (vocab, embed)
+    "llm mlp kernel": ["fsdp", "tensor"],         # (embed, mlp)
+    "plug projector kernel": ["tensor", "fsdp"],  # (mlp, embed)
+    "its adam moment": ["tensor", "fsdp"],        # as its parameter
+}
+
+
+def _split_axes(spec: list, mesh: dict) -> list:
+    """Each dimension's mesh axes of size > 1: P('tensor', 'fsdp') on a data-only mesh is P()."""
+    dims = [[] if dim is None else [dim] if isinstance(dim, str) else list(dim) for dim in spec]
+    split = [[axis for axis in dim if mesh[axis] > 1] for dim in dims]
+    while split and not split[-1]:
+        split.pop()
+    return split
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_parameters_are_sharded_as_the_mesh_says(mesh_runs, name):
+    mesh = MESHES[name]
+    for key, array in mesh_runs[name]["arrays"].items():
+        assert _split_axes(array["spec"], mesh) == _split_axes(EXPECTED_SPECS[key], mesh), \
+            (key, array)
+        splits = [mesh[axis] for axis in EXPECTED_SPECS[key]]
+        assert array["shards"] == int(np.prod(splits)), (key, array)
+        assert array["shard_shape"] == [size // split for size, split in
+                                        zip(array["shape"], splits)], (key, array)
+
+
+@pytest.mark.parametrize("name", list(TWO_PROCESS_MESHES))
+def test_two_processes_give_the_losses_of_one(runs, reference, name):
+    """Two processes of 4 devices each make one 8-device mesh."""
+    root, started = runs
+    outputs = [_finish(process) for process in started[name]]
+    assert f"mesh {TWO_PROCESS_MESHES[name]} over 2 process(es)" in outputs[0]
+    workdir = _two_process_workdir(root, name)
+    difference = _max_relative_difference(_losses(workdir), _losses(reference))
+    print(f"2 processes x 4 devices, mesh {name}: max relative loss difference {difference:.2e}")
+    assert difference < LOSS_RTOL
+    # Both processes took part in the export, which gathers the plug sharded over them.
+    plug_config, _ = checkpoint.load_exported_plug(workdir / "plug")
+    assert plug_config["step"] == STEPS
