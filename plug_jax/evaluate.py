@@ -14,13 +14,14 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from plug_jax import checkpoint, decode, metrics
+from plug_jax import checkpoint, decode, metrics, sharding
 from plug_jax.data import lamp, pipeline
 
 PPLUG = "pplug"
@@ -39,9 +40,18 @@ def _generate(llm_params, plug_params, batch, *, experiment, decode_config):
                                    num_beams=decode_config.num_beams)
 
 
+def _replicated_outputs(experiment) -> dict:
+    """jit options that replicate outputs over the experiment's mesh, so that every process can
+    read them whole (multi-host runs)."""
+    if experiment.mesh is None:
+        return {}
+    return {"out_shardings": sharding.replicated(experiment.mesh)}
+
+
 def make_generate_fn(experiment):
     return jax.jit(functools.partial(_generate, experiment=experiment,
-                                     decode_config=experiment.config.decode))
+                                     decode_config=experiment.config.decode),
+                   **_replicated_outputs(experiment))
 
 
 def predict(generate_fn, experiment, plug_params, features, *, desc: str) -> list[str]:
@@ -62,7 +72,7 @@ def target_nll(experiment, plug_params, examples: Sequence[lamp.Example]) -> flo
     """Mean negative log-likelihood per gold target token (a dev loss), personalized or not."""
     config = experiment.config
 
-    @jax.jit
+    @functools.partial(jax.jit, **_replicated_outputs(experiment))
     def nll(params, batch):
         soft = None
         if params is not None:
@@ -142,10 +152,13 @@ def main(argv: Sequence[str]) -> None:
 
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     splits = tuple(flags.FLAGS.split) if flags.FLAGS.split else tuple(config.data.eval_splits)
-    experiment = experiment_lib.build(config, workdir, splits=splits)
+    mesh = sharding.make_mesh(config.mesh)
+    experiment = experiment_lib.build(config, workdir, splits=splits, mesh=mesh)
     plug_params = checkpoint.load_plug(Path(workdir) / "plug",
-                                       experiment.init_plug_params(jax.random.key(0)))
-    results = evaluate(experiment, plug_params, splits, workdir)
+                                       experiment.init_plug_params(jax.random.key(0), mesh))
+    with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in config.axis_rules]):
+        results = evaluate(experiment, plug_params, splits, workdir,
+                           write=jax.process_index() == 0)
     print(format_table(results, experiment.task.name))
     print(f"metrics written to {write_metrics(results, workdir)}")
 

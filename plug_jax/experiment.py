@@ -33,6 +33,7 @@ class Experiment:
     query_tokenizer: Any
     table: embed.HistoryTable
     embedder: plug.UserEmbedder
+    mesh: Any = None  # where the frozen LLM lives (None: the default device)
 
     def _init_plug(self, rng: jax.Array):
         history = self.config.data.max_history
@@ -140,4 +141,4 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path,
     return Experiment(config=config, task=lamp.get_task(data.task), splits=examples, llm=llm,
                       llm_params=llm_params, encoder_config=encoder_config,
                       encoder_params=encoder_params, query_tokenizer=bert.bert_tokenizer(encoder_dir),
-                      table=table, embedder=embedder)
+                      table=table, embedder=embedder, mesh=mesh)

@@ -161,10 +161,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
           f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es)")
     exp = experiment_lib.build(config, workdir, mesh=mesh)
     train_examples = exp.splits[config.data.train_split]
-    llm_length = pipeline.round_up(
+    llm_length = pipeline.round_up(exp.llm.sequence_length(
         max(exp.llm.prompt_lengths([e.input for e in train_examples],
-                                   config.data.max_input_tokens))
-        + config.data.max_target_tokens + 1)
+                                   config.data.max_input_tokens)),
+        config.data.max_target_tokens, with_targets=True))
     num_train = grain_pipeline.num_train_examples(train_examples, config.data.augment_copies,
                                                   config.data.max_history)
     steps = total_steps(config, num_train)

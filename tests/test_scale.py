@@ -42,6 +42,8 @@ MESHES = {
 # Max relative difference of a step's loss from the 1-device run's: measured up to ~1e-7
 # (float32 sums in another order), allowed with a wide margin.
 LOSS_RTOL = 1e-5
+# The two-process runs also decode a few dev questions: outputs sharded over both processes.
+TWO_PROCESS_EVAL = ("--config.data.eval_splits=('dev',)", "--config.data.max_eval_examples=8")
 
 MESH_SCRIPT = """
 import copy, json, sys
@@ -175,7 +177,7 @@ def runs(tmp_path_factory, env):
             _start(_train_args(workdir, *(f"--config.mesh.{axis}={size}"
                                           for axis, size in mesh.items()),
                                f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                               f"--process_id={index}"),
+                               f"--process_id={index}", *TWO_PROCESS_EVAL),
                    env, root / f"{workdir.name}_process{index}.log", devices=4,
                    background=True)
             for index in range(2)]
@@ -319,3 +321,7 @@ def test_two_processes_give_the_losses_of_one(runs, reference, name):
     # Both processes took part in the export, which gathers the plug sharded over them.
     plug_config, _ = checkpoint.load_exported_plug(workdir / "plug")
     assert plug_config["step"] == STEPS
+    # ... and in the evaluation; process 0 wrote the metrics.
+    assert all("pplug             dev" in output for output in outputs)
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert set(metrics["pplug"]["dev"]) == {"mae", "rmse"}
