@@ -1,8 +1,9 @@
 """Building blocks shared by the model families.
 
 Every parameter carries logical axis names (t5x style); `configs/common.py` maps them to mesh axes.
-Parameter names: "vocab", "encoder_vocab" (a sentence encoder's), "embed", "mlp", "q_heads" (query/output projections, heads x head_dim
-joined), "kv_heads" (key/value projections, joined), "heads", "relpos_buckets", "norm".
+Parameter names: "vocab", "encoder_vocab" (a sentence encoder's), "embed", "mlp", "q_heads"
+(query/output projections, heads x head_dim joined), "kv_heads" (key/value projections, joined),
+"heads", "relpos_buckets", "norm".
 Activation names: "batch", "length", "embed", "mlp", "heads", "kv", "vocab".
 """
 
