@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from plug_jax.data import lamp
+
 # Logical axis name -> mesh axes. Parameters shard over fsdp (and tensor for the wide dims);
 # activations' batch over data and fsdp.
 AXIS_RULES = (
@@ -35,9 +37,6 @@ AXIS_RULES = (
     ("history", None),
 )
 
-# Per task: max new tokens (paper / default) and whether labels are short.
-_MAX_NEW_TOKENS = {"LaMP_1": 4, "LaMP_2": 8, "LaMP_3": 4, "LaMP_4": 32, "LaMP_5": 32,
-                   "LaMP_7": 48}
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -95,7 +94,8 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         max_steps=60,              # 0: run the epochs
         grad_clip=1.0,
     )
-    config.decode = dict(method="greedy", num_beams=4, max_new_tokens=_MAX_NEW_TOKENS[task],
+    config.decode = dict(method="greedy", num_beams=4,
+                         max_new_tokens=lamp.get_task(task).max_new_tokens,
                          eval_batch_size=16)
     config.checkpoint = dict(save_every=200, max_to_keep=3, async_save=True)
     config.mesh = dict(data=-1, fsdp=1, tensor=1)

@@ -170,7 +170,7 @@ TASKS: dict[str, Task] = {task.name: task for task in (
         history_text=_joined("text"),
         history_fields=("text",),
         label_field="score",
-        max_new_tokens=2,
+        max_new_tokens=4,  # "4." and end of turn, with room to spare
     ),
     Task(
         name="LaMP_4",
