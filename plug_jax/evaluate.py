@@ -17,11 +17,10 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 from tqdm import tqdm
 
-from plug_jax import checkpoint, decode, metrics, sharding
+from plug_jax import checkpoint, cli, decode, metrics, sharding
 from plug_jax.data import lamp, pipeline
 
 PPLUG = "pplug"
@@ -146,12 +145,16 @@ def write_metrics(results: dict, workdir: str | Path) -> Path:
     return path
 
 
+SPLIT = flags.DEFINE_multi_string("split", None,
+                                  "Split(s) to evaluate; default config.data.eval_splits.")
+
+
 def main(argv: Sequence[str]) -> None:
     del argv
     from plug_jax import experiment as experiment_lib
 
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    splits = tuple(flags.FLAGS.split) if flags.FLAGS.split else tuple(config.data.eval_splits)
+    config, workdir = cli.CONFIG.value, cli.WORKDIR.value
+    splits = tuple(SPLIT.value) if SPLIT.value else tuple(config.data.eval_splits)
     mesh = sharding.make_mesh(config.mesh)
     experiment = experiment_lib.build(config, workdir, splits=splits, mesh=mesh)
     plug_params = checkpoint.load_plug(Path(workdir) / "plug",
@@ -159,13 +162,9 @@ def main(argv: Sequence[str]) -> None:
     with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in config.axis_rules]):
         results = evaluate(experiment, plug_params, splits, workdir,
                            write=jax.process_index() == 0)
-    print(format_table(results, experiment.task.name))
-    print(f"metrics written to {write_metrics(results, workdir)}")
+    cli.echo(format_table(results, experiment.task.name))
+    cli.echo(f"metrics written to {write_metrics(results, workdir)}")
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "A configs/lampN.py file (':paper' for the paper).")
-    flags.DEFINE_string("workdir", None, "The training run's directory.")
-    flags.DEFINE_multi_string("split", None, "Split(s) to evaluate; default config.data.eval_splits.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main, "config", "workdir", distributed=True)

@@ -1,7 +1,9 @@
-"""Everything a run builds from its config before training or evaluating, in one place.
+"""The one way from a config to the objects of a run: every command builds through `build`.
 
 `build(config, workdir)` loads the LaMP splits (or writes the synthetic ones into the workdir), the
 frozen LLM, the sentence encoder, the history-embedding table (cached) and the user embedder.
+`build(config, abstract=True)` gives the same objects with ShapeDtypeStructs for every weight and
+no data: what `plug_jax.plan` compiles from.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from plug_jax import embed, llm as llm_lib, plug, sharding
-from plug_jax.data import lamp, synthetic
+from plug_jax import llm as llm_lib, plug, sharding
+from plug_jax.data import history as history_lib, lamp, synthetic
 from plug_jax.models import assets, bert, layers
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from plug_jax.models.loading import read_hf_config
 
 
 @dataclasses.dataclass
@@ -27,25 +28,34 @@ class Experiment:
     task: lamp.Task
     splits: dict[str, list[lamp.Example]]
     llm: llm_lib.FrozenLM
-    llm_params: Any
+    llm_params: Any                 # arrays, or ShapeDtypeStructs when abstract
     encoder_config: bert.BertConfig
     encoder_params: Any
-    query_tokenizer: Any
-    table: embed.HistoryTable
+    query_tokenizer: Any            # None when abstract and the encoder is known by name only
+    table: history_lib.HistoryTable | None  # None without data
     embedder: plug.UserEmbedder
-    mesh: Any = None  # where the frozen LLM lives (None: the default device)
+    mesh: Any = None                # where the frozen LLM lives (None: the default device)
 
     def _init_plug(self, rng: jax.Array):
         history = self.config.data.max_history
         with sharding.without_activation_constraints():  # a batch of one row
             return self.embedder.init(
                 rng, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool),
-                jnp.zeros((1, history, self.table.width)), jnp.ones((1, history), bool))
+                jnp.zeros((1, history, self.encoder_config.hidden_size)),
+                jnp.ones((1, history), bool))
+
+    def abstract_plug_params(self) -> tuple[Any, Any]:
+        """(ShapeDtypeStructs, logical PartitionSpecs) of the plug parameters."""
+        return sharding.abstract_with_axes(self._init_plug, jax.random.key(0))
 
     def plug_shardings(self, mesh) -> Any:
         """NamedShardings of the plug parameters, from their logical axis names."""
-        _, logical = sharding.abstract_with_axes(self._init_plug, jax.random.key(0))
-        return sharding.logical_to_shardings(logical, mesh, self.config.axis_rules)
+        return sharding.logical_to_shardings(self.abstract_plug_params()[1], mesh,
+                                             self.config.axis_rules)
+
+    def llm_shardings(self, mesh) -> Any:
+        return sharding.logical_to_shardings(self.llm.param_logical_axes(), mesh,
+                                             self.config.axis_rules)
 
     def init_plug_params(self, rng: jax.Array, mesh=None):
         """Fresh projectors and instruction vector; the query encoder starts as the encoder."""
@@ -82,18 +92,43 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str | Path,
     return loaded
 
 
-def load_encoder(encoder: ml_collections.ConfigDict) -> tuple[bert.BertConfig, Any, Path]:
-    """(config, params, tokenizer directory) of the sentence encoder.
+def _encoder_source(encoder: ml_collections.ConfigDict) -> tuple[bert.BertConfig | None, Path | None]:
+    """(config when it is known without a checkpoint, checkpoint directory when there is one).
 
     'minilm' is the embedded all-MiniLM-L6-v2; 'tiny-bert' a small random BERT with MiniLM's
-    tokenizer, for smoke tests; anything else a Hugging Face directory.
+    tokenizer, for smoke tests; a bge-*-en-v1.5 name plans without weights; anything else is a
+    Hugging Face directory.
     """
     if encoder.path == "tiny-bert":
-        directory = assets.minilm_dir()
         config = dataclasses.replace(bert.BertConfig.tiny(encoder.pooling or "mean"),
                                      vocab_size=30522, max_position_embeddings=512)
-        return config, bert.init_params(config, jax.random.key(1)), directory
+        return config, assets.minilm_dir()
     directory = assets.minilm_dir() if encoder.path == "minilm" else Path(encoder.path)
+    if directory.is_dir():
+        return None, directory
+    named = bert.NAMED_CONFIGS.get(encoder.path.rstrip("/").rsplit("/", 1)[-1].lower())
+    if named is None:
+        raise FileNotFoundError(
+            f"config.encoder.path: {encoder.path} is not a directory ('minilm' for the embedded "
+            f"default; names known without weights: {', '.join(bert.NAMED_CONFIGS)})")
+    return dataclasses.replace(named, pooling=encoder.pooling or named.pooling), None
+
+
+def load_encoder(encoder: ml_collections.ConfigDict, abstract: bool = False
+                 ) -> tuple[bert.BertConfig, Any, Path | None]:
+    """(config, params or their ShapeDtypeStructs, tokenizer directory) of the sentence encoder."""
+    config, directory = _encoder_source(encoder)
+    if config is not None:  # tiny or named
+        if abstract:
+            return config, bert.abstract_params(config), directory
+        if encoder.path != "tiny-bert":
+            raise FileNotFoundError(f"config.encoder.path: {encoder.path} names an encoder whose "
+                                    "weights are not here; point it at a local directory")
+        return config, bert.init_params(config, jax.random.key(1)), directory
+    if abstract:
+        config = bert.BertConfig.from_hf(read_hf_config(directory), encoder.pooling or None,
+                                         directory=directory)
+        return config, bert.abstract_params(config), directory
     config, params = bert.load_bert(directory, jnp.float32, encoder.pooling or None)
     return config, params, directory
 
@@ -101,22 +136,27 @@ def load_encoder(encoder: ml_collections.ConfigDict) -> tuple[bert.BertConfig, A
 def history_table(config: ml_collections.ConfigDict, workdir: str | Path,
                   examples: dict[str, list[lamp.Example]], encoder_config: bert.BertConfig,
                   encoder_params: Any, encoder_dir: Path, progress: bool = True
-                  ) -> embed.HistoryTable:
+                  ) -> history_lib.HistoryTable:
     """Frozen embeddings of every history text of these splits, from the cache when it has them."""
     history_encoder = bert.SentenceEncoder(encoder_config, encoder_params,
                                            bert.bert_tokenizer(encoder_dir),
                                            max_length=config.encoder.max_length)
     encoder_id = (f"{config.encoder.path}|{encoder_dir.resolve()}|{encoder_config.pooling}|"
                   f"{config.encoder.max_length}")
-    return embed.build_history_table(
+    return history_lib.build_history_table(
         (e.history for split in examples.values() for e in split), history_encoder,
         encoder_config.hidden_size, encoder_id, config.data.cache_dir or Path(workdir) / "cache",
         progress=progress)
 
 
-def build(config: ml_collections.ConfigDict, workdir: str | Path,
-          splits: tuple[str, ...] | None = None, progress: bool = True, mesh=None) -> Experiment:
-    """With a mesh, the frozen LLM is loaded straight into its shardings.
+def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
+          splits: tuple[str, ...] | None = None, abstract: bool = False, with_llm: bool = True,
+          progress: bool = True, mesh=None) -> Experiment:
+    """Everything a command needs, from the config.
+
+    abstract: shapes only (no weights, no data, no workdir). with_llm=False leaves the LLM out
+    (`plug_jax.embed` needs only data and encoder; then `llm`, `llm_params` and `embedder` are
+    None). With a mesh, the frozen LLM is loaded straight into its shardings.
 
     Whatever logical axis rules the caller has set are off in here: model inits and the history
     embedding run batches (of one row, of a power of two) that a sharded batch axis need not
@@ -125,20 +165,23 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path,
     data = config.data
     if splits is None:
         splits = (data.train_split,) + tuple(data.eval_splits)
-    examples = load_splits(config, workdir, splits)
+    examples = {} if abstract else load_splits(config, workdir, splits)
     with sharding.without_activation_constraints():
-        encoder_config, encoder_params, encoder_dir = load_encoder(config.encoder)
-        table = history_table(config, workdir, examples, encoder_config, encoder_params,
-                              encoder_dir, progress)
-        llm, llm_params = llm_lib.load_llm(config.llm.path, _DTYPES[config.llm.dtype],
-                                           config.llm.soft_token_position, config.llm.remat,
-                                           mesh=mesh, rules=config.axis_rules)
-    embedder = plug.UserEmbedder(
-        encoder_config=encoder_config, llm_width=llm.width,
-        soft_token_rms=plug.embedding_rms(llm.embedding_table(llm_params)),
-        projector_hidden=config.plug.projector_hidden,
-        train_query_encoder=config.plug.train_query_encoder)
+        encoder_config, encoder_params, encoder_dir = load_encoder(config.encoder, abstract)
+        table = None if abstract else history_table(config, workdir, examples, encoder_config,
+                                                    encoder_params, encoder_dir, progress)
+        llm = llm_params = embedder = None
+        if with_llm:
+            llm, llm_params = llm_lib.build_llm(config.llm, abstract=abstract, mesh=mesh,
+                                                rules=config.axis_rules)
+            # The soft tokens' scale is a value, not a shape: any will do for an abstract build.
+            rms = 1.0 if abstract else plug.embedding_rms(llm.embedding_table(llm_params))
+            embedder = plug.UserEmbedder(
+                encoder_config=encoder_config, llm_width=llm.width, soft_token_rms=rms,
+                projector_hidden=config.plug.projector_hidden,
+                train_query_encoder=config.plug.train_query_encoder)
     return Experiment(config=config, task=lamp.get_task(data.task), splits=examples, llm=llm,
                       llm_params=llm_params, encoder_config=encoder_config,
-                      encoder_params=encoder_params, query_tokenizer=bert.bert_tokenizer(encoder_dir),
+                      encoder_params=encoder_params,
+                      query_tokenizer=encoder_dir and bert.bert_tokenizer(encoder_dir),
                       table=table, embedder=embedder, mesh=mesh)

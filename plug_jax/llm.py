@@ -16,10 +16,12 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from plug_jax import decode
 from plug_jax.models import assets, llama, t5
+from plug_jax.models.loading import read_hf_config
 from plug_jax.models.tokenizer import Tokenizer, chat_header_and_body
 
 Batch = dict[str, Any]
@@ -74,6 +76,9 @@ class DecoderOnlyLM:
 
     def embedding_table(self, params) -> jax.Array:
         return params["embed_tokens"]["embedding"]
+
+    def param_logical_axes(self) -> Any:
+        return llama.param_logical_axes(self.module.config)
 
     def _prompt_ids(self, text: str, max_input_tokens: int) -> list[int]:
         _, body = chat_header_and_body("\x00")
@@ -148,6 +153,9 @@ class EncoderDecoderLM:
     def embedding_table(self, params) -> jax.Array:
         return params["token_embedder"]["embedding"]
 
+    def param_logical_axes(self) -> Any:
+        return t5.param_logical_axes(self.module.config)
+
     def prompt_lengths(self, inputs: Sequence[str], max_input_tokens: int) -> list[int]:
         return [min(len(self.tokenizer.encode(t)), max_input_tokens - 1) + 1 for t in inputs]
 
@@ -200,71 +208,101 @@ class EncoderDecoderLM:
 FrozenLM = DecoderOnlyLM | EncoderDecoderLM
 
 
-def _tiny_llama(dtype, soft_token_position, remat):
-    tokenizer = Tokenizer.from_gguf(assets.smollm2_gguf())
-    config = llama.LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, eos_ids=(tokenizer.eos_id,),
-                                    bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id)
-    params = llama.init_params(config, jax.random.key(0), dtype)
-    module = llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat)
-    return DecoderOnlyLM(module, tokenizer, soft_token_position), params
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def _tiny_t5(dtype, soft_token_position, remat):
-    del soft_token_position  # the encoder sees soft tokens first
-    tokenizer = Tokenizer.from_tokenizer_json(assets.t5_tokenizer_json())
-    config = t5.T5Config.tiny(vocab_size=tokenizer.vocab_size)
-    module = t5.T5(config, dtype=dtype, param_dtype=dtype, remat=remat)
-    params = t5.init_params(config, jax.random.key(0), dtype)
-    # At the default std 0.02 a random T5 is near the identity and its decoder hardly sees the
-    # encoder (nor the soft tokens); std 0.2, as the tiny Llama, makes every part matter.
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x * 10 if path[-1].key == "kernel" else x, params)
-    return EncoderDecoderLM(module, tokenizer), params
+@dataclasses.dataclass(frozen=True)
+class _Checkpoint:
+    """What config.llm.path names: the model family, its config and tokenizer, and how to read
+    its weights ((dtype, shardings or None) -> (config, params)); None where there are none."""
+
+    family: Any  # plug_jax.models.llama or plug_jax.models.t5
+    config: Any
+    tokenizer: Tokenizer | None
+    load: Callable[[Any, Any], tuple[Any, dict]] | None
 
 
-TINY_MODELS = {"tiny-llama": _tiny_llama, "tiny-t5": _tiny_t5}
+def _random_weights(family, config):
+    def load(dtype, shardings):
+        params = family.init_params(config, jax.random.key(0), dtype)
+        if callable(shardings):
+            shardings = shardings(config)
+        return config, params if shardings is None else jax.device_put(params, shardings)
+    return load
 
 
-def param_shardings(family, mesh, rules) -> Callable[[Any], Any] | None:
-    """config -> NamedShardings of the family's parameters (None without a mesh)."""
-    if mesh is None:
-        return None
-    return lambda config: nn.logical_to_mesh_sharding(family.param_logical_axes(config), mesh,
-                                                      [tuple(rule) for rule in rules])
+def _find_checkpoint(path: str) -> _Checkpoint:
+    """'smollm2' (embedded), a .gguf file, a Hugging Face directory (Llama family or T5), a known
+    Flan-T5 name (shapes only), or 'tiny-llama' / 'tiny-t5' (small random models with real
+    tokenizers, for smoke tests)."""
+    if path == "tiny-llama":
+        tokenizer = Tokenizer.from_gguf(assets.smollm2_gguf())
+        config = llama.LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, eos_ids=(tokenizer.eos_id,),
+                                        bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id)
+        return _Checkpoint(llama, config, tokenizer, _random_weights(llama, config))
+    if path == "tiny-t5":
+        tokenizer = Tokenizer.from_tokenizer_json(assets.t5_tokenizer_json())
+        config = t5.T5Config.tiny(vocab_size=tokenizer.vocab_size)
+        return _Checkpoint(t5, config, tokenizer, _random_weights(t5, config))
+    location = assets.smollm2_gguf() if path == "smollm2" else Path(path)
+    if location.suffix == ".gguf" and location.is_file():
+        from plug_jax.models import gguf  # only GGUF users need the gguf package
+        return _Checkpoint(llama, llama.LlamaConfig.from_hf(gguf.read_gguf_config(location)),
+                           Tokenizer.from_gguf(location),
+                           lambda dtype, shardings: llama.load_llama(location, dtype, shardings))
+    if location.is_dir():
+        hf_config = read_hf_config(location)
+        if hf_config.get("model_type") == "t5":
+            tokenizer_file = location / "tokenizer.json"
+            tokenizer = Tokenizer.from_tokenizer_json(
+                tokenizer_file if tokenizer_file.exists() else assets.t5_tokenizer_json())
+            return _Checkpoint(t5, t5.T5Config.from_hf(hf_config), tokenizer,
+                               lambda dtype, shardings: t5.load_t5(location, dtype,
+                                                                   shardings=shardings))
+        return _Checkpoint(llama, llama.LlamaConfig.from_hf(hf_config),
+                           Tokenizer.from_tokenizer_json(location / "tokenizer.json"),
+                           lambda dtype, shardings: llama.load_llama(location, dtype, shardings))
+    named = t5.NAMED_CONFIGS.get(path.rstrip("/").rsplit("/", 1)[-1].lower())
+    if named is not None:  # the weights are not here: plan with the shapes alone
+        return _Checkpoint(t5, named, None, None)
+    raise FileNotFoundError(
+        f"config.llm.path: {path} does not exist (a .gguf file or an HF checkpoint directory; "
+        f"'smollm2' for the embedded default; names known without weights: "
+        f"{', '.join(t5.NAMED_CONFIGS)})")
 
 
-def load_llm(path: str, dtype=jnp.float32, soft_token_position: str = "after_chat_header",
+def _adapter(family, config, tokenizer, llm_config: ml_collections.ConfigDict) -> FrozenLM:
+    dtype = DTYPES[llm_config.dtype]
+    module_class = llama.Llama if family is llama else t5.T5
+    module = module_class(config, dtype=dtype, param_dtype=dtype, remat=bool(llm_config.remat))
+    if family is llama:
+        return DecoderOnlyLM(module, tokenizer, llm_config.soft_token_position)
+    return EncoderDecoderLM(module, tokenizer)
+
+
+def build_llm(llm_config: ml_collections.ConfigDict, *, abstract: bool = False, mesh=None,
+              rules=()) -> tuple[FrozenLM, Any]:
+    """The frozen LLM of `config.llm` and its params: read from the checkpoint (straight into the
+    mesh's shardings when there is a mesh) or, `abstract`, as ShapeDtypeStructs with no weights."""
+    checkpoint = _find_checkpoint(llm_config.path)
+    dtype = DTYPES[llm_config.dtype]
+    if abstract:
+        return (_adapter(checkpoint.family, checkpoint.config, checkpoint.tokenizer, llm_config),
+                checkpoint.family.abstract_params(checkpoint.config, dtype))
+    if checkpoint.load is None:
+        raise FileNotFoundError(f"config.llm.path: {llm_config.path} names a model whose weights "
+                                "are not here; point it at a local Hugging Face directory")
+    shardings = None
+    if mesh is not None:  # a function of the config, which the checkpoint may refine (T5's head)
+        shardings = lambda config: nn.logical_to_mesh_sharding(
+            checkpoint.family.param_logical_axes(config), mesh, [tuple(rule) for rule in rules])
+    config, params = checkpoint.load(dtype, shardings)
+    return _adapter(checkpoint.family, config, checkpoint.tokenizer, llm_config), params
+
+
+def load_llm(path: str, dtype: str = "float32", soft_token_position: str = "after_chat_header",
              remat: bool = False, mesh=None, rules=()) -> tuple[FrozenLM, dict]:
-    """'smollm2' (embedded), a .gguf file, or a Hugging Face directory (Llama family or T5).
-
-    'tiny-llama' and 'tiny-t5' are small random models with real tokenizers, for smoke tests.
-    """
-    if path in TINY_MODELS:
-        lm, params = TINY_MODELS[path](dtype, soft_token_position, remat)
-        family = llama if isinstance(lm, DecoderOnlyLM) else t5
-        shardings = param_shardings(family, mesh, rules)
-        return lm, params if shardings is None else jax.device_put(params,
-                                                                   shardings(lm.module.config))
-    if path == "smollm2":
-        path = str(assets.smollm2_gguf())
-    location = Path(path)
-    if not location.exists():
-        raise FileNotFoundError(f"config.llm.path: {path} does not exist (a .gguf file or an HF "
-                                "checkpoint directory; 'smollm2' for the embedded default)")
-    if location.suffix == ".gguf":
-        config, params = llama.load_llama(location, dtype, param_shardings(llama, mesh, rules))
-        return DecoderOnlyLM(llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat),
-                             Tokenizer.from_gguf(location), soft_token_position), params
-    from plug_jax.models.loading import read_hf_config
-    model_type = read_hf_config(location).get("model_type")
-    if model_type == "t5":
-        config, params = t5.load_t5(location, dtype, shardings=param_shardings(t5, mesh, rules))
-        tokenizer_file = location / "tokenizer.json"
-        if not tokenizer_file.exists():
-            tokenizer_file = assets.t5_tokenizer_json()
-        return EncoderDecoderLM(t5.T5(config, dtype=dtype, param_dtype=dtype, remat=remat),
-                                Tokenizer.from_tokenizer_json(tokenizer_file)), params
-    config, params = llama.load_llama(location, dtype, param_shardings(llama, mesh, rules))
-    tokenizer = Tokenizer.from_tokenizer_json(location / "tokenizer.json")
-    return DecoderOnlyLM(llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat),
-                         tokenizer, soft_token_position), params
+    """`build_llm` from keyword arguments rather than a config section."""
+    return build_llm(ml_collections.ConfigDict(dict(
+        path=path, dtype=jnp.dtype(dtype).name, soft_token_position=soft_token_position,
+        remat=remat)), mesh=mesh, rules=rules)

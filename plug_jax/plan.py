@@ -35,13 +35,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 
-from plug_jax import llm as llm_lib
-from plug_jax import plug, sharding
+from plug_jax import cli, experiment, llm as llm_lib, sharding
 from plug_jax.data import pipeline
-from plug_jax.models import assets, bert, llama, t5
-from plug_jax.models.loading import read_hf_config
-from plug_jax.models.tokenizer import Tokenizer
 
 GiB = 2**30
 
@@ -131,120 +128,7 @@ def get_target(target: str | Target) -> Target:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model configs from names, without weights.
-
-# Flan-T5 sizes (the v1.1 architecture); the defaults of T5Config are XXL's.
-_FLAN_T5 = {
-    "flan-t5-xxl": t5.T5Config(),
-    "flan-t5-xl": t5.T5Config(d_model=2048, d_ff=5120, num_heads=32),
-    "flan-t5-large": t5.T5Config(d_model=1024, d_ff=2816, num_heads=16),
-    "flan-t5-base": t5.T5Config(d_model=768, d_ff=2048, num_heads=12, num_layers=12,
-                                num_decoder_layers=12),
-}
-_BGE = {  # BAAI/bge-*-en-v1.5: BERT with CLS pooling
-    "bge-small-en-v1.5": bert.BertConfig(30522, 384, 12, 12, 1536, pooling="cls"),
-    "bge-base-en-v1.5": bert.BertConfig(30522, 768, 12, 12, 3072, pooling="cls"),
-    "bge-large-en-v1.5": bert.BertConfig(30522, 1024, 24, 16, 4096, pooling="cls"),
-}
-
-
-def _known(path: str, table: Mapping[str, Any]):
-    return table.get(path.rstrip("/").rsplit("/", 1)[-1].lower())
-
-
-def _gguf_llama_config(path: Path) -> llama.LlamaConfig:
-    """Shapes of a GGUF Llama/Qwen2 from its metadata alone (no tensor is dequantized)."""
-    from plug_jax.models import gguf
-
-    reader = gguf.open_reader(path)
-    arch = gguf.metadata(reader, "general.architecture")
-    get = lambda key, default=None: gguf.metadata(reader, f"{arch}.{key}", default)
-    hidden, heads = get("embedding_length"), get("attention.head_count")
-    tensors = {tensor.name for tensor in reader.tensors}
-    vocab = get("vocab_size") or len(gguf.metadata(reader, "tokenizer.ggml.tokens"))
-    return llama.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=get("feed_forward_length"),
-        num_layers=get("block_count"), num_heads=heads,
-        num_kv_heads=get("attention.head_count_kv", heads),
-        head_dim=get("attention.key_length", hidden // heads),
-        tie_word_embeddings="output.weight" not in tensors,
-        attention_bias="blk.0.attn_q.bias" in tensors,
-        eos_ids=(gguf.metadata(reader, "tokenizer.ggml.eos_token_id"),))
-
-
-def abstract_llm(llm_config: ml_collections.ConfigDict) -> llm_lib.FrozenLM:
-    """The frozen LLM's adapter: module and tokenizer, no parameters.
-
-    An existing local directory or .gguf file is read for its config only; otherwise 'smollm2',
-    the tiny test models and the Flan-T5 names map to configs here.
-    """
-    path = llm_config.path
-    dtype = jnp.dtype(llm_config.dtype)
-    remat = bool(llm_config.get("remat", False))
-    position = llm_config.soft_token_position
-    location = Path(path)
-    decoder_only = lambda config, tokenizer: llm_lib.DecoderOnlyLM(
-        llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat), tokenizer, position)
-    # The T5 tokenizer only featurizes text; the loss never touches it.
-    encoder_decoder = lambda config: llm_lib.EncoderDecoderLM(
-        t5.T5(config, dtype=dtype, param_dtype=dtype, remat=remat), tokenizer=None)
-    if path == "tiny-llama":  # llm._tiny_llama's config, without its random weights
-        tokenizer = Tokenizer.from_gguf(assets.smollm2_gguf())
-        return decoder_only(llama.LlamaConfig.tiny(
-            vocab_size=tokenizer.vocab_size, eos_ids=(tokenizer.eos_id,), bos_id=tokenizer.bos_id,
-            pad_id=tokenizer.pad_id), tokenizer)
-    if path == "tiny-t5":
-        tokenizer = Tokenizer.from_tokenizer_json(assets.t5_tokenizer_json())
-        return encoder_decoder(t5.T5Config.tiny(vocab_size=tokenizer.vocab_size))
-    if path == "smollm2" or location.suffix == ".gguf":
-        gguf_path = assets.smollm2_gguf() if path == "smollm2" else location
-        return decoder_only(_gguf_llama_config(gguf_path), Tokenizer.from_gguf(gguf_path))
-    if location.is_dir():
-        hf_config = read_hf_config(location)
-        if hf_config.get("model_type") in ("t5", "mt5"):
-            return encoder_decoder(t5.T5Config.from_hf(hf_config))
-        return decoder_only(llama.LlamaConfig.from_hf(hf_config),
-                            Tokenizer.from_tokenizer_json(location / "tokenizer.json"))
-    config = _known(path, _FLAN_T5)
-    if config is None:
-        raise ValueError(f"config.llm.path {path!r}: not a local directory or .gguf file, nor a "
-                         f"known name ({', '.join(_FLAN_T5)}, smollm2, tiny-llama, tiny-t5)")
-    return encoder_decoder(config)
-
-
-def encoder_config(encoder: ml_collections.ConfigDict) -> bert.BertConfig:
-    """The sentence encoder's config, as experiment.load_encoder would build it."""
-    pooling = encoder.pooling or None
-    if encoder.path == "tiny-bert":
-        return dataclasses.replace(bert.BertConfig.tiny(pooling or "mean"), vocab_size=30522,
-                                   max_position_embeddings=512)
-    directory = assets.minilm_dir() if encoder.path == "minilm" else Path(encoder.path)
-    if directory.is_dir():
-        return bert.BertConfig.from_hf(read_hf_config(directory), pooling, directory=directory)
-    config = _known(encoder.path, _BGE)
-    if config is None:
-        raise ValueError(f"config.encoder.path {encoder.path!r}: not a local directory nor a known "
-                         f"name ({', '.join(_BGE)}, minilm, tiny-bert)")
-    return dataclasses.replace(config, pooling=pooling or config.pooling)
-
-
-# ---------------------------------------------------------------------------------------------
 # Abstract arguments of train_step.
-
-
-# Init functions take no arrays: under eval_shape even the key and dummy inputs stay abstract, so
-# nothing runs on the mesh's devices (which may be compile-only TPUs).
-def _llm_init(llm: llm_lib.FrozenLM):
-    tokens, mask = jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool)
-    if isinstance(llm, llm_lib.EncoderDecoderLM):
-        return llm.module.init(jax.random.key(0), tokens, mask, tokens, mask)
-    return llm.module.init(jax.random.key(0), tokens, mask)
-
-
-def _plug_init(embedder: plug.UserEmbedder, max_history: int):
-    width = embedder.encoder_config.hidden_size
-    return embedder.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool),
-                         jnp.zeros((1, max_history, width)), jnp.ones((1, max_history), bool))
 
 
 def abstract_batch(config: ml_collections.ConfigDict, llm: llm_lib.FrozenLM,
@@ -292,36 +176,29 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
     from plug_jax import train  # its top level pulls in tensorboard etc.: only when planning
 
     rules = [tuple(rule) for rule in config.axis_rules]
-    llm = abstract_llm(config.llm)
-    llm_params, llm_axes = sharding.abstract_with_axes(functools.partial(_llm_init, llm))
-    enc_config = encoder_config(config.encoder)
-    embedder = plug.UserEmbedder(encoder_config=enc_config, llm_width=llm.width,
-                                 soft_token_rms=1.0,  # a value, not a shape: any will do
-                                 projector_hidden=config.plug.projector_hidden)
-    plug_params, plug_axes = sharding.abstract_with_axes(
-        functools.partial(_plug_init, embedder, config.data.max_history))
-
+    exp = experiment.build(config, abstract=True)
+    plug_params, plug_axes = exp.abstract_plug_params()
     total_steps = config.optim.max_steps or 1000  # shapes do not depend on the schedule
-    train_query_encoder = config.plug.get("train_query_encoder", True)
-    optimizer = train.make_optimizer(config.optim, total_steps, train_query_encoder)
+    optimizer = train.make_optimizer(config.optim, total_steps, config.plug.train_query_encoder)
     state = {"params": plug_params, "opt": jax.eval_shape(optimizer.init, plug_params),
              "step": jax.ShapeDtypeStruct((), jnp.int32)}
-    batch = abstract_batch(config, llm, enc_config.hidden_size, config.optim.batch_size)
+    batch = abstract_batch(config, exp.llm, exp.encoder_config.hidden_size,
+                           config.optim.batch_size)
 
     state_shardings = sharding.train_state_shardings(state["opt"], plug_params, plug_axes, mesh,
                                                      rules)
-    llm_shardings = sharding.logical_to_shardings(llm_axes, mesh, rules)
     batch_shardings = {name: sharding.batch_sharding(mesh, rules, len(x.shape))
                        for name, x in batch.items()}
-    step_fn = functools.partial(train.train_step, embedder=embedder, llm=llm, optimizer=optimizer,
-                                accum_steps=config.optim.grad_accum_steps)
+    step_fn = functools.partial(train.train_step, embedder=exp.embedder, llm=exp.llm,
+                                optimizer=optimizer, accum_steps=config.optim.grad_accum_steps)
     count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-    counts = {"llm": count(llm_params), "plug": count(plug_params),
+    counts = {"llm": count(exp.llm_params), "plug": count(plug_params),
               "query_encoder": count(plug_params["query_encoder"])}
     # The LLM never trains; the query encoder may be frozen (then it has no optimizer state).
-    counts["trainable"] = counts["plug"] - (0 if train_query_encoder else counts["query_encoder"])
-    return Setup(step_fn=step_fn, args=(state, llm_params, batch),
-                 in_shardings=(state_shardings, llm_shardings, batch_shardings),
+    counts["trainable"] = counts["plug"] - (0 if config.plug.train_query_encoder
+                                            else counts["query_encoder"])
+    return Setup(step_fn=step_fn, args=(state, exp.llm_params, batch),
+                 in_shardings=(state_shardings, exp.llm_shardings(mesh), batch_shardings),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  param_counts=counts)
 
@@ -604,67 +481,48 @@ def _parse_mesh(text: str) -> dict[str, int]:
     return mesh
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """'configs/lamp3.py:paper' -> get_config('paper') of that file, as --config reads it."""
-    import importlib.util
-
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    if module_spec is None or not Path(path).is_file():
-        raise SystemExit(f"--config: {path} is not a config file")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+TARGET = flags.DEFINE_list("target", ["v4-32"], f"Targets, from {', '.join(TARGETS)}.")
+MESH = flags.DEFINE_string("mesh", "", "data=1,fsdp=16,tensor=1 (default: config.mesh).")
+BATCH = flags.DEFINE_integer("batch", 0, "Global batch (default: the config's).")
+SEARCH = flags.DEFINE_bool("search", False, "Try several meshes per target; mark the best.")
+COMPILER = flags.DEFINE_enum("compiler", "cpu", ["cpu", "tpu"],
+                             "cpu: simulated devices; tpu: libtpu, for TPU targets.")
+JSON = flags.DEFINE_string("json", "", "Also write the results to this file.")
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m plug_jax.plan",
-        description="Compiles one update step ahead of time from shapes alone; sizes it for a pod.")
-    parser.add_argument("--config", required=True, help="configs/lampN.py[:ARG], e.g. :paper")
-    parser.add_argument("--target", default="v4-32",
-                        help=f"comma-separated, from {', '.join(TARGETS)} (default v4-32)")
-    parser.add_argument("--mesh", default="", help="data=1,fsdp=16,tensor=1 (default: config.mesh)")
-    parser.add_argument("--batch", type=int, default=0, help="global batch (default: config's)")
-    parser.add_argument("--search", action="store_true", help="try several meshes, mark the best")
-    parser.add_argument("--compiler", choices=("cpu", "tpu"), default="cpu",
-                        help="cpu: simulated devices (default); tpu: libtpu, for TPU targets")
-    parser.add_argument("--json", default="", help="also write the results to this file")
-    args = parser.parse_args(argv)
-
-    targets = [get_target(name) for name in filter(None, args.target.split(","))]
-    if args.compiler == "tpu":
+def main(argv: Sequence[str]) -> list[dict]:
+    del argv
+    targets = [get_target(name) for name in TARGET.value]
+    if COMPILER.value == "tpu":
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server to ask here
     else:  # before JAX starts its backends: enough CPU devices for the largest target
         needed = max((t.num_devices for t in targets), default=0)
         if needed:
             use_cpu_devices(needed)
 
-    config = load_config(args.config)
-    if args.batch:
-        config.optim.batch_size = args.batch
-    mesh = _parse_mesh(args.mesh) if args.mesh else None
+    config = cli.CONFIG.value
+    if BATCH.value:
+        config.optim.batch_size = BATCH.value
+    mesh = _parse_mesh(MESH.value) if MESH.value else None
 
     results = []
     for target in targets:
-        if args.search:
-            plans = search(config, target, compiler=args.compiler)
+        if SEARCH.value:
+            plans = search(config, target, compiler=COMPILER.value)
             results.extend(plans)
             best = next((p for p in plans if p.get("best")), None)
             if best:
                 print(format_plan(best), end="\n\n")
         else:
-            result = plan(config, target, mesh, args.compiler)
+            result = plan(config, target, mesh, COMPILER.value)
             results.append(result)
             print(format_plan(result), end="\n\n")
     print(format_table(results))
-    print(CAVEATS[args.compiler])
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(CAVEATS[COMPILER.value])
+    if JSON.value:
+        Path(JSON.value).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "config")

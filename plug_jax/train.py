@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,12 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
-from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from plug_jax import checkpoint, evaluate, sharding
+from plug_jax import checkpoint, cli, evaluate, sharding
 from plug_jax import experiment as experiment_lib
 from plug_jax.data import grain_pipeline, pipeline
 
@@ -156,7 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
     # ---------------------------------------------------------------- data, LLM, encoder
     # Built outside the mesh context, which keys JAX's caches of eager ops: the inits compile
     # once per process, whatever the mesh; the LLM and the plug go to their shardings by name.
-    print(f"building the experiment: task {config.data.task}, LLM {config.llm.path}, "
+    cli.echo(f"building the experiment: task {config.data.task}, LLM {config.llm.path}, "
           f"encoder {config.encoder.path}, data {config.data.dir or 'synthetic'}, "
           f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es)")
     exp = experiment_lib.build(config, workdir, mesh=mesh)
@@ -169,7 +166,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
                                                   config.data.max_history)
     steps = total_steps(config, num_train)
     rows = sharding.process_rows(sharding.batch_sharding(mesh, rules, 1), config.optim.batch_size)
-    print(f"{num_train} training examples, {steps} steps of batch {config.optim.batch_size}; "
+    cli.echo(f"{num_train} training examples, {steps} steps of batch {config.optim.batch_size}; "
           f"history table: {len(exp.table)} texts ({exp.table.path})")
 
     # ---------------------------------------------------------------- plug init + optimizer
@@ -186,7 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
                                            param_shardings, mesh),
                                        "step": sharding.replicated(mesh)})(params)
         num_params = sum(x.size for x in jax.tree.leaves(params))
-        print(f"plug parameters: {num_params / 1e6:.2f}M (LLM frozen: "
+        cli.echo(f"plug parameters: {num_params / 1e6:.2f}M (LLM frozen: "
               f"{sum(x.size for x in jax.tree.leaves(exp.llm_params)) / 1e6:.1f}M)")
 
         # ------------------------------------------------------------ resume
@@ -209,7 +206,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
         if restored is not None:
             state, rng, data_state, start = restored
             batches.set_state(data_state)
-            print(f"resumed from the checkpoint of step {start} in {workdir / 'checkpoints'}")
+            cli.echo(f"resumed from the checkpoint of step {start} in {workdir / 'checkpoints'}")
 
         # ------------------------------------------------------------ jitted update
         # The state keeps its shardings step after step: one compilation.
@@ -251,12 +248,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
                                   force=stop or step == steps)
                 if stop:
                     checkpointer.close()
-                    print(f"stopped by a signal at step {step}: checkpoint saved; rerun the same "
+                    cli.echo(f"stopped by a signal at step {step}: checkpoint saved; rerun the same "
                           "command to resume")
                     raise SystemExit(0)
         checkpointer.close()
         if losses:
-            print(f"loss: first {np.mean(losses[:5]):.4f} -> last {np.mean(losses[-5:]):.4f} "
+            cli.echo(f"loss: first {np.mean(losses[:5]):.4f} -> last {np.mean(losses[-5:]):.4f} "
                   f"(mean of 5 steps)")
 
         # ------------------------------------------------------------ export + evaluate
@@ -273,7 +270,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
                         writer.add_scalar(f"{method}/{split}/{name}", value, steps)
             writer.close()
 
-    print(evaluate.format_table(results, exp.task.name))
+    cli.echo(evaluate.format_table(results, exp.task.name))
     if is_main:
         print(f"plug exported to {plug_path}; metrics written to "
               f"{evaluate.write_metrics(results, workdir)}; {time.time() - started:.0f} s in all")
@@ -282,24 +279,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    if flags.FLAGS.coordinator_address or flags.FLAGS.num_processes:
-        jax.distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                                   flags.FLAGS.process_id)
-    elif any(name in os.environ for name in _CLUSTER_ENV):
-        jax.distributed.initialize()  # TPU pod, SLURM, ...: the cluster says who is who
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
-# Environment variables by which jax.distributed finds a multi-host cluster by itself.
-_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+    run(cli.CONFIG.value, cli.WORKDIR.value)
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "A configs/lampN.py file (':paper' for the paper).")
-    flags.DEFINE_string("workdir", None, "Where checkpoints, caches, metrics and logs go.")
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs).")
-    flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
-    flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main, "config", "workdir", distributed=True)

@@ -126,27 +126,16 @@ def tiny_plan_and_real_compile(out: str) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from plug_jax import experiment, llm as llm_lib, plug, sharding, train
-    from plug_jax.models import bert
-    from plug_jax.models.layers import unboxed
+    from plug_jax import cli, experiment, sharding, train
 
-    config = plan.load_config("configs/lamp3.py:tiny")
+    config = cli.load_config("configs/lamp3.py:tiny")
     target = plan.Target("cpu-4", 4, None, None, "4 CPU devices")
     planned = plan.plan(config, target, TINY_MESH)
 
-    # Real parameters, the way experiment.build and train.run make them.
-    llm, llm_params = llm_lib.load_llm(config.llm.path, experiment._DTYPES[config.llm.dtype],
-                                       config.llm.soft_token_position, config.llm.remat)
-    enc_config = plan.encoder_config(config.encoder)
-    embedder = plug.UserEmbedder(
-        encoder_config=enc_config, llm_width=llm.width,
-        soft_token_rms=plug.embedding_rms(llm.embedding_table(llm_params)),
-        projector_hidden=config.plug.projector_hidden)
-    history = config.data.max_history
-    params = dict(unboxed(embedder.init(
-        jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool),
-        jnp.zeros((1, history, enc_config.hidden_size)), jnp.ones((1, history), bool)))["params"])
-    params["query_encoder"] = bert.init_params(enc_config, jax.random.key(1))
+    # Real parameters, the way train.run makes them.
+    exp = experiment.build(config, Path(out).parent / "workdir", progress=False)
+    llm, llm_params, embedder = exp.llm, exp.llm_params, exp.embedder
+    params = exp.init_plug_params(jax.random.key(0))
     optimizer = train.make_optimizer(config.optim, config.optim.max_steps,
                                      config.plug.train_query_encoder)
     state = {"params": params, "opt": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}

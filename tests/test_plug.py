@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plug_jax import embed, plug
+from plug_jax import plug
+from plug_jax.data import history as history_lib
 from plug_jax.models import bert
 
 ENCODER = dataclasses.replace(bert.BertConfig.tiny(), vocab_size=64, max_position_embeddings=16)
@@ -94,7 +95,7 @@ def test_history_table_keeps_the_most_recent_items_and_caches(tmp_path):
         return np.array([[len(t), 1.0] for t in texts], np.float32)
 
     histories = [("a", "bb", "ccc"), ("bb", "dddd"), ()]
-    table = embed.build_history_table(histories, encode, 2, "test-encoder", tmp_path,
+    table = history_lib.build_history_table(histories, encode, 2, "test-encoder", tmp_path,
                                       progress=False)
     assert len(table) == 4 and sum(len(c) for c in calls) == 4  # each distinct text once
     rows = table.rows(("a", "bb", "ccc"), max_history=2)           # oldest dropped
@@ -104,9 +105,9 @@ def test_history_table_keeps_the_most_recent_items_and_caches(tmp_path):
     vectors, mask = table.lookup(table.rows((), max_history=2)[None])
     assert not mask.any() and not vectors.any()
 
-    again = embed.build_history_table(histories, encode, 2, "test-encoder", tmp_path,
+    again = history_lib.build_history_table(histories, encode, 2, "test-encoder", tmp_path,
                                       progress=False)
     assert len(calls) == 1 and again.path == table.path            # read from the cache
-    other = embed.build_history_table(histories, encode, 2, "another-encoder", tmp_path,
+    other = history_lib.build_history_table(histories, encode, 2, "another-encoder", tmp_path,
                                       progress=False)
     assert other.path != table.path and len(calls) == 2            # never a stale cache

@@ -49,8 +49,7 @@ MESH_SCRIPT = """
 import copy, json, sys
 import jax
 from absl import flags
-from ml_collections import config_flags
-from plug_jax import train
+from plug_jax import cli, train
 
 def leaf(tree, suffix):
     return next(value for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -61,11 +60,10 @@ def describe(x):
             "shards": len({str(shard.index) for shard in x.addressable_shards}),
             "shard_shape": list(x.addressable_shards[0].data.shape)}
 
-config_flags.DEFINE_config_file("config", None, "")
 flags.FLAGS(sys.argv[:1] + sys.argv[3:])
 meshes, out = json.loads(sys.argv[1]), {}
 for name, mesh in meshes.items():
-    config = copy.deepcopy(flags.FLAGS.config)
+    config = copy.deepcopy(cli.CONFIG.value)
     config.mesh = mesh
     result = train.run(config, f"{sys.argv[2]}/{name.replace(' ', '_')}")
     llm, state = result.experiment.llm_params, result.state

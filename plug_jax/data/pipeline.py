@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from plug_jax.data.lamp import Example
-from plug_jax.embed import HistoryTable
+from plug_jax.data.history import HistoryTable
 from plug_jax.models import bert
 
 

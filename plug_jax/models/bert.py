@@ -131,6 +131,14 @@ class BertConfig:
                    max_position_embeddings=64, type_vocab_size=2, hidden_act=hidden_act, pooling=pooling)
 
 
+# BAAI/bge-*-en-v1.5 (BERT, CLS pooling) by checkpoint name, to plan without weights.
+NAMED_CONFIGS = {
+    "bge-small-en-v1.5": BertConfig(30522, 384, 12, 12, 1536, pooling="cls"),
+    "bge-base-en-v1.5": BertConfig(30522, 768, 12, 12, 3072, pooling="cls"),
+    "bge-large-en-v1.5": BertConfig(30522, 1024, 24, 16, 4096, pooling="cls"),
+}
+
+
 def read_pooling(directory: str | Path) -> Pooling | None:
     """The pooling of the sentence-transformers Pooling module in `directory`, if it has one."""
     directory = Path(directory)

@@ -74,8 +74,8 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def read_gguf_checkpoint(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(Hugging Face style config dict, {Hugging Face tensor name: float32 array}) of a GGUF file."""
+def read_gguf_config(path: str | Path) -> dict:
+    """The Hugging Face style config dict of a GGUF file, from its metadata alone."""
     path = Path(path)
     reader = open_reader(path)
     arch = metadata(reader, "general.architecture")
@@ -128,7 +128,15 @@ def read_gguf_checkpoint(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]
             "eos_token_id": metadata(reader, "tokenizer.ggml.eos_token_id"),
             "pad_token_id": metadata(reader, "tokenizer.ggml.padding_token_id"),
     }
+    return hf_config
 
+
+def read_gguf_checkpoint(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(Hugging Face style config dict, {Hugging Face tensor name: float32 array}) of a GGUF file."""
+    hf_config = read_gguf_config(path)
+    reader = open_reader(path)
+    arch = hf_config["model_type"]
+    num_heads, num_kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
     tensors = {}
     for tensor in reader.tensors:
         name = _hf_name(tensor.name)

@@ -141,6 +141,17 @@ class T5Config:
         return cls(**{**fields, **overrides})
 
 
+# Flan-T5 sizes (the v1.1 architecture) by checkpoint name, to plan without weights; the defaults of
+# T5Config are XXL's.
+NAMED_CONFIGS = {
+    "flan-t5-xxl": T5Config(),
+    "flan-t5-xl": T5Config(d_model=2048, d_ff=5120, num_heads=32),
+    "flan-t5-large": T5Config(d_model=1024, d_ff=2816, num_heads=16),
+    "flan-t5-base": T5Config(d_model=768, d_ff=2048, num_heads=12, num_layers=12,
+                             num_decoder_layers=12),
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # Building blocks.
 

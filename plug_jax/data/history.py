@@ -1,0 +1,85 @@
+"""Frozen history embeddings, computed once and cached in a safetensors file.
+
+The history encoder never trains, so every distinct history text is encoded once; training and
+evaluation then gather rows, and the history length costs almost nothing per step. The cache file
+is keyed by the encoder's identity and the texts' content: new data or another encoder gives a new
+file, never a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
+
+EncodeFn = Callable[[Sequence[str]], np.ndarray]
+
+
+def _text_key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+class HistoryTable:
+    """Embeddings of distinct history texts, looked up by text."""
+
+    def __init__(self, embeddings: np.ndarray, keys: np.ndarray, path: Path | None = None):
+        self.embeddings = embeddings
+        self.path = path
+        self._row = {bytes(key): row for row, key in enumerate(keys)}
+
+    @property
+    def width(self) -> int:
+        return self.embeddings.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def rows(self, history: Sequence[str], max_history: int) -> np.ndarray:
+        """Table rows of the most recent `max_history` items, -1 padded: [max_history] int32."""
+        rows = np.full((max_history,), -1, np.int32)
+        recent = list(history)[-max_history:] if max_history else []
+        rows[:len(recent)] = [self._row[_text_key(text)] for text in recent]
+        return rows
+
+    def lookup(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[..., H] rows (-1 = none) -> ([..., H, E] f32 vectors, [..., H] bool mask)."""
+        mask = rows >= 0
+        vectors = self.embeddings[np.where(mask, rows, 0)] if len(self) else \
+            np.zeros(rows.shape + (self.width,), np.float32)
+        return np.where(mask[..., None], vectors, 0.0).astype(np.float32), mask
+
+
+def cache_path(cache_dir: str | Path, encoder_id: str, texts: Sequence[str]) -> Path:
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(encoder_id.encode("utf-8"))
+    for text in texts:
+        digest.update(_text_key(text))
+    return Path(cache_dir) / f"history-{digest.hexdigest()}.safetensors"
+
+
+def build_history_table(histories: Iterable[Sequence[str]], encode: EncodeFn, width: int,
+                        encoder_id: str, cache_dir: str | Path, *, batch_size: int = 64,
+                        progress: bool = True) -> HistoryTable:
+    """Encodes every distinct history text (or reads the cache) and returns the lookup table."""
+    texts = sorted({text for history in histories for text in history})
+    path = cache_path(cache_dir, encoder_id, texts)
+    if path.exists():
+        tensors = load_file(str(path))
+        return HistoryTable(tensors["embeddings"], tensors["keys"], path)
+    chunks = []
+    with tqdm(total=len(texts), desc="embedding history", unit="text", disable=not progress) as bar:
+        for start in range(0, len(texts), batch_size):
+            batch = texts[start:start + batch_size]
+            chunks.append(np.asarray(encode(batch), np.float32))
+            bar.update(len(batch))
+    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+    keys = np.frombuffer(b"".join(_text_key(t) for t in texts), np.uint8).reshape(len(texts), 16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file({"embeddings": embeddings, "keys": keys}, str(partial))
+    partial.rename(path)
+    return HistoryTable(embeddings, keys, path)
