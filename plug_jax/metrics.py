@@ -88,13 +88,19 @@ def rouge_metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict[str,
     The official code goes through HF `evaluate`, whose default aggregator reports the median of
     bootstrap resamples of the mean; we report the plain mean, which that estimates.
     """
+    scores = rouge_per_question(predictions, golds)
+    return {name: float(np.mean(values)) for name, values in scores.items()}
+
+
+def rouge_per_question(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each output's ROUGE-1 and ROUGE-L F-measure: {"rouge-1": [...], "rouge-L": [...]}."""
     _check_lengths(predictions, golds)
     rouge1, rougeL = [], []
     for prediction, gold in zip(predictions, golds):
         scores = _ROUGE.score(gold.strip(), prediction.strip())  # (target, prediction)
         rouge1.append(scores["rouge1"].fmeasure)
         rougeL.append(scores["rougeL"].fmeasure)
-    return {"rouge-1": float(np.mean(rouge1)), "rouge-L": float(np.mean(rougeL))}
+    return {"rouge-1": np.array(rouge1), "rouge-L": np.array(rougeL)}
 
 
 def evaluate(task_name: str, predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float]:

@@ -26,6 +26,9 @@ from typing import Any, Literal
 
 TaskKind = Literal["classification", "regression", "generation"]
 
+# One profile item as (field, value) pairs: hashable and picklable, unlike a dict.
+ProfileItem = tuple[tuple[str, str], ...]
+
 
 class LampFormatError(ValueError):
     """A LaMP file that breaks the benchmark's format; the message is one line."""
@@ -47,6 +50,10 @@ class Example:
         no date (then `history` keeps the file's order).
       history_labels: the items' labels (LaMP_2 tag, LaMP_3 score), aligned with `history`; None
         for tasks whose profile items carry no label.
+      history_items: the items' task fields (`Task.history_fields` and `Task.label_field`) as
+        (field, value) pairs, aligned with `history`; None when the source does not keep them
+        (TFDS records). Derived from the same profile as `history`, so left out of `==` and hash:
+        an example reads equal with or without it.
     """
 
     id: str
@@ -57,6 +64,15 @@ class Example:
     target: str | None
     history_dates: tuple[str, ...] | None = None
     history_labels: tuple[str, ...] | None = None
+    history_items: tuple[ProfileItem, ...] | None = dataclasses.field(
+        default=None, compare=False, hash=False)
+
+    def profile_items(self) -> list[dict[str, str]]:
+        """`history_items` as dicts, oldest first; ValueError when the example has none."""
+        if self.history_items is None:
+            raise ValueError(f"example {self.id!r} carries no history_items (parse it from the "
+                             "LaMP files with load_split / parse_examples)")
+        return [dict(item) for item in self.history_items]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +124,18 @@ _LAMP1_PATTERN = re.compile(
     re.DOTALL)
 
 
-def _lamp1_query(text: str) -> str:
+def lamp1_parts(text: str) -> dict[str, str]:
+    """A LaMP_1 input's {"title", "ref1", "ref2"}; ValueError if it does not follow the template."""
     match = _LAMP1_PATTERN.fullmatch(text)
     if match is None:
         raise ValueError(
             'does not follow the LaMP_1 template (... title "T", ... [1]: "R1" [2]: "R2")')
-    return f"{match['title']} [1]: {match['ref1']} [2]: {match['ref2']}"
+    return match.groupdict()
+
+
+def _lamp1_query(text: str) -> str:
+    parts = lamp1_parts(text)
+    return f"{parts['title']} [1]: {parts['ref1']} [2]: {parts['ref2']}"
 
 
 def _text_after(marker: str, task_name: str) -> Callable[[str], str]:
@@ -276,7 +298,7 @@ def _parse_question(task: Task, record: Any, where: str, target: str | None) -> 
         raise LampFormatError(f"{where}: field 'input' {e}") from None
 
     required = task.history_fields + ((task.label_field,) if task.label_field else ())
-    texts, labels, dates = [], [], []
+    texts, labels, dates, items = [], [], [], []
     for j, item in enumerate(profile):
         if not isinstance(item, dict):
             raise LampFormatError(
@@ -284,6 +306,7 @@ def _parse_question(task: Task, record: Any, where: str, target: str | None) -> 
         for name in required:
             _field(where, item, f"profile[{j}].{name}", str, "a string", key=name)
         texts.append(task.history_text(item))
+        items.append(tuple((name, item[name]) for name in required))
         if task.label_field:
             labels.append(item[task.label_field])
         if "date" in item:
@@ -296,6 +319,7 @@ def _parse_question(task: Task, record: Any, where: str, target: str | None) -> 
         order = _date_order(dates)
         texts = [texts[i] for i in order]
         labels = [labels[i] for i in order] if labels else labels
+        items = [items[i] for i in order]
         history_dates = tuple(dates[i] for i in order)
     return Example(
         id=qid,
@@ -306,6 +330,7 @@ def _parse_question(task: Task, record: Any, where: str, target: str | None) -> 
         target=target,
         history_dates=history_dates,
         history_labels=tuple(labels) if task.label_field else None,
+        history_items=tuple(items),
     )
 
 
