@@ -58,7 +58,7 @@ def augmented_copy(example: lamp.Example, *, seed: int, index: int, copy: int,
     """Copy number `copy` (1, 2, ...) of the source's example `index` (the reference augmentation).
 
     The history (its most recent `max_history` items, the ones the model sees) loses 1 to 50% of
-    its items at random, order kept; dates and labels follow. Examples with at most 2 items get
+    its items at random, order kept; dates, labels and items follow. Examples with at most 2 items get
     no copies: None. The draw depends only on (seed, index, copy).
     """
     history = example.history if max_history is None else example.history[-max_history:]
@@ -70,13 +70,14 @@ def augmented_copy(example: lamp.Example, *, seed: int, index: int, copy: int,
     keep = np.ones(size, bool)
     keep[rng.choice(size, drop_count, replace=False)] = False
 
-    def kept(items: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    def kept(items: tuple | None) -> tuple | None:
         return None if items is None else tuple(
             item for item, keep_item in zip(items[-size:], keep) if keep_item)
 
     return dataclasses.replace(example, history=kept(history),
                                history_dates=kept(example.history_dates),
-                               history_labels=kept(example.history_labels))
+                               history_labels=kept(example.history_labels),
+                               history_items=kept(example.history_items))
 
 
 class _AugmentedDataset(grain.MapDataset):
