@@ -55,6 +55,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.task = task
+    config.method = "pplug"        # or an ablation or baseline: plug_jax/methods.py
 
     config.data = dict(
         dir="",                    # a LaMP directory; empty: generate synthetic data (the default)
@@ -67,6 +68,8 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         max_target_tokens=16,
         max_query_tokens=96,
         augment_copies=0,          # extra copies of each training example with history dropped
+        history_labels=False,      # history texts start with their label (LaMP-2 tag, LaMP-3 score)
+        retrieval_k=4,             # history items BM25 writes into the prompt (methods *bm25*)
         cache_dir="",              # history-embedding cache; empty: <workdir>/cache
         max_eval_examples=0,       # 0: all
     )
@@ -82,7 +85,8 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         query_instruction="",
         max_length=128,
     )
-    config.plug = dict(projector_hidden=0, train_query_encoder=True)
+    config.plug = dict(projector_hidden=0, train_query_encoder=True,
+                       persona_tokens=1)   # soft tokens the persona takes
     config.optim = dict(
         lr=2e-3,                   # projectors + instruction vector
         encoder_lr=5e-5,           # the trainable query encoder
@@ -94,6 +98,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         max_steps=60,              # 0: run the epochs
         grad_clip=1.0,
     )
+    # method: 'greedy', 'beam', or 'score' (classification tasks: the most likely label)
     config.decode = dict(method="greedy", num_beams=4,
                          max_new_tokens=lamp.get_task(task).max_new_tokens,
                          eval_batch_size=16)

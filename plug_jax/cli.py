@@ -60,6 +60,15 @@ def load_config(spec: str):
     return module.get_config(arg) if arg else module.get_config()
 
 
+def use_compilation_cache(directory: str | None = None) -> None:
+    """XLA programs persist on disk (JAX_COMPILATION_CACHE_DIR, else ~/.cache/plug_jax/xla), so a
+    second run with the same shapes skips compilation."""
+    directory = (directory or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                 or os.path.join(os.path.expanduser("~"), ".cache", "plug_jax", "xla"))
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def run(main: Callable[[Sequence[str]], None], *required: str, distributed: bool = False) -> None:
     """absl's app.run with the `required` flags; library INFO logs off unless --verbosity is set.
 
@@ -70,6 +79,7 @@ def run(main: Callable[[Sequence[str]], None], *required: str, distributed: bool
     def start(argv: Sequence[str]) -> None:
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # Orbax's and absl's INFO lines drown progress
+        use_compilation_cache()
         if distributed:
             initialize_distributed()
         main(argv)

@@ -9,6 +9,7 @@ predictions in the LaMP outputs format plus `metrics.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -20,23 +21,34 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from plug_jax import checkpoint, cli, decode, metrics, sharding
+from plug_jax import baselines as baselines_lib, checkpoint, cli, decode, metrics, sharding
 from plug_jax.data import lamp, pipeline
 
 PPLUG = "pplug"
-NO_HISTORY = "pplug-no-history"  # the same plug, every history emptied: what the persona adds
-ZERO_SHOT = "zero-shot"          # the frozen LLM alone
+ZERO_SHOT = "zero_shot"  # the frozen LLM alone, on the same inputs
+# Run beside every trained plug: they cost one decoding pass (zero_shot) or nothing (the others).
+BASELINES = (ZERO_SHOT,) + baselines_lib.METHODS
+
+
+def _soft_tokens(experiment, plug_params, batch):
+    if plug_params is None:
+        return None
+    return experiment.embedder.apply({"params": plug_params}, batch["query_tokens"],
+                                     batch["query_mask"], batch["history"], batch["history_mask"])
 
 
 def _generate(llm_params, plug_params, batch, *, experiment, decode_config):
-    soft = None
-    if plug_params is not None:
-        soft = experiment.embedder.apply({"params": plug_params}, batch["query_tokens"],
-                                         batch["query_mask"], batch["history"],
-                                         batch["history_mask"])
-    return experiment.llm.generate(llm_params, soft, batch, method=decode_config.method,
+    # 'score' ranks a task's labels; a task without labels generates its answer greedily.
+    method = "greedy" if decode_config.method == "score" else decode_config.method
+    return experiment.llm.generate(llm_params, _soft_tokens(experiment, plug_params, batch), batch,
+                                   method=method,
                                    max_new_tokens=decode_config.max_new_tokens,
                                    num_beams=decode_config.num_beams)
+
+
+def _example_nll(llm_params, plug_params, batch, *, experiment):
+    return experiment.llm.example_nll(llm_params, _soft_tokens(experiment, plug_params, batch),
+                                      batch)[0]
 
 
 def _replicated_outputs(experiment) -> dict:
@@ -53,12 +65,28 @@ def make_generate_fn(experiment):
                    **_replicated_outputs(experiment))
 
 
-def predict(generate_fn, experiment, plug_params, features, *, desc: str) -> list[str]:
-    """Decoded text for every featurized example, in order."""
+def make_nll_fn(experiment):
+    return jax.jit(functools.partial(_example_nll, experiment=experiment),
+                   **_replicated_outputs(experiment))
+
+
+def _featurize(experiment, examples, targets: Sequence[str] | None = None):
+    config = experiment.config
+    if targets is not None:
+        examples = [dataclasses.replace(e, target=t) for e, t in zip(examples, targets)]
+    return pipeline.featurize(examples, experiment.llm, experiment.query_tokenizer,
+                              experiment.table, data_config=config.data,
+                              query_instruction=config.encoder.query_instruction,
+                              with_targets=targets is not None)
+
+
+def predict(generate_fn, experiment, plug_params, examples: Sequence[lamp.Example], *,
+            desc: str) -> list[str]:
+    """Decoded text for every example, in order."""
     llm, size = experiment.llm, experiment.config.decode.eval_batch_size
+    features = _featurize(experiment, examples)
     outputs = []
-    total = pipeline.num_examples(features)
-    with tqdm(total=total, desc=desc, unit="ex", leave=False) as bar:
+    with tqdm(total=len(examples), desc=desc, unit="ex", leave=False) as bar:
         for batch in pipeline.batches(features, experiment.table, size):
             tokens = np.asarray(generate_fn(experiment.llm_params, plug_params, batch))
             for row in decode.strip_after_eos(tokens[batch["example_mask"]], llm.eos_id):
@@ -67,24 +95,49 @@ def predict(generate_fn, experiment, plug_params, features, *, desc: str) -> lis
     return outputs
 
 
+def label_nll(nll_fn, experiment, plug_params, examples: Sequence[lamp.Example],
+              labels: Sequence[str], *, desc: str = "scoring") -> np.ndarray:
+    """[examples, labels] negative log-likelihood of each label as the whole answer (with its
+    end-of-turn), one forward pass per label."""
+    size = experiment.config.decode.eval_batch_size
+    scores = np.zeros((len(examples), len(labels)))
+    with tqdm(total=len(examples) * len(labels), desc=desc, unit="ex", leave=False) as bar:
+        for column, label in enumerate(labels):
+            features = _featurize(experiment, examples, [label] * len(examples))
+            row = 0
+            for batch in pipeline.batches(features, experiment.table, size):
+                real = batch["example_mask"]
+                nll = np.asarray(nll_fn(experiment.llm_params, plug_params, batch))[real]
+                scores[row:row + len(nll), column] = nll
+                row += len(nll)
+                bar.update(int(real.sum()))
+    return scores
+
+
+def answer(experiment, plug_params, examples: Sequence[lamp.Example], *, desc: str,
+           generate_fn=None, nll_fn=None) -> list[str]:
+    """The LLM's answers (personalized when there are plug params), as config.decode says:
+    generated, or for a task with a label set and method 'score', its most likely label."""
+    labels = experiment.task.labels
+    if experiment.config.decode.method == "score" and labels:
+        nll = label_nll(nll_fn or make_nll_fn(experiment), experiment, plug_params, examples,
+                        labels, desc=desc)
+        return [labels[i] for i in np.argmin(nll, axis=1)]
+    return predict(generate_fn or make_generate_fn(experiment), experiment, plug_params,
+                   examples, desc=desc)
+
+
 def target_nll(experiment, plug_params, examples: Sequence[lamp.Example]) -> float:
     """Mean negative log-likelihood per gold target token (a dev loss), personalized or not."""
     config = experiment.config
 
     @functools.partial(jax.jit, **_replicated_outputs(experiment))
     def nll(params, batch):
-        soft = None
-        if params is not None:
-            soft = experiment.embedder.apply({"params": params}, batch["query_tokens"],
-                                             batch["query_mask"], batch["history"],
-                                             batch["history_mask"])
         masked = {**batch, "target_mask": batch["target_mask"] & batch["example_mask"][:, None]}
-        return experiment.llm.loss(experiment.llm_params, soft, masked)
+        return experiment.llm.loss(experiment.llm_params,
+                                   _soft_tokens(experiment, params, batch), masked)
 
-    features = pipeline.featurize(examples, experiment.llm, experiment.query_tokenizer,
-                                  experiment.table, data_config=config.data,
-                                  query_instruction=config.encoder.query_instruction,
-                                  with_targets=True)
+    features = _featurize(experiment, examples, [e.target or "" for e in examples])
     total, count = 0.0, 0.0
     for batch in pipeline.batches(features, experiment.table, config.decode.eval_batch_size):
         loss_sum, tokens = nll(plug_params, batch)
@@ -92,35 +145,52 @@ def target_nll(experiment, plug_params, examples: Sequence[lamp.Example]) -> flo
     return total / max(count, 1.0)
 
 
+def attention_entropy(experiment, plug_params, examples: Sequence[lamp.Example]) -> dict:
+    """Mean entropy (nats) of the aggregator's weights over users with 2+ history items, beside
+    the uniform weights' (log n): near-equal figures say the input-aware attention is not used."""
+    size = experiment.config.decode.eval_batch_size
+    weights_fn = jax.jit(lambda params, batch: experiment.embedder.apply(
+        {"params": params}, batch["query_tokens"], batch["query_mask"], batch["history"],
+        batch["history_mask"], return_weights=True)[1])
+    entropy, uniform = [], []
+    for batch in pipeline.batches(_featurize(experiment, examples), experiment.table, size):
+        weights = np.asarray(weights_fn(plug_params, batch))
+        counts = batch["history_mask"].sum(axis=1)
+        keep = batch["example_mask"] & (counts >= 2)
+        logs = np.log(np.where(weights > 0, weights, 1.0))
+        entropy.extend(-(weights * logs).sum(axis=1)[keep])
+        uniform.extend(np.log(counts[keep]))
+    return {"entropy": float(np.mean(entropy)) if entropy else float("nan"),
+            "uniform_entropy": float(np.mean(uniform)) if uniform else float("nan"),
+            "users": len(entropy)}
+
+
 def evaluate(experiment, plug_params, splits: Sequence[str], workdir: str | Path, *,
-             baselines: bool = True, generate_fn=None, write: bool = True,
-             examples_override: dict[str, list[lamp.Example]] | None = None) -> dict:
-    """{method: {split: {metric: value}}} for PPlug and, with `baselines`, the same plug without
-    histories and the zero-shot LLM; writes each method's predictions in LaMP format."""
-    generate_fn = generate_fn or make_generate_fn(experiment)
+             method: str = PPLUG, baselines: Sequence[str] = BASELINES, write: bool = True
+             ) -> dict:
+    """{method: {split: {metric: value}}}: the plug (or, with plug_params None, the LLM alone)
+    under `method`, and each of `baselines` on the same questions; every method's predictions
+    are written in LaMP's outputs format (predictions_{method}_{split}.json)."""
     config, task = experiment.config, experiment.task
+    generate_fn, nll_fn = make_generate_fn(experiment), make_nll_fn(experiment)
+    train_targets = [e.target for e in experiment.splits.get(config.data.train_split, [])]
     results: dict[str, dict[str, dict[str, float]]] = {}
-    available = examples_override or experiment.splits
-    for split in [s for s in splits if s in available]:
-        examples = available[split]
+    for split in [s for s in splits if s in experiment.splits]:
+        examples = experiment.splits[split]
         if config.data.max_eval_examples:
             examples = examples[:config.data.max_eval_examples]
-        features = pipeline.featurize(examples, experiment.llm, experiment.query_tokenizer,
-                                      experiment.table, data_config=config.data,
-                                      query_instruction=config.encoder.query_instruction,
-                                      with_targets=False)
         golds = [e.target for e in examples]
-        methods = [(PPLUG, plug_params, features)]
-        if baselines:
-            no_history = {**features, "history_rows": np.full_like(features["history_rows"], -1)}
-            methods += [(NO_HISTORY, plug_params, no_history), (ZERO_SHOT, None, features)]
-        for method, params, inputs in methods:
-            outputs = predict(generate_fn, experiment, params, inputs, desc=f"{method} {split}")
+        for name in (method, *[b for b in baselines if b != method]):
+            if name in baselines_lib.METHODS:
+                outputs = baselines_lib.predict(name, task, examples, train_targets)
+            else:
+                outputs = answer(experiment, None if name == ZERO_SHOT else plug_params, examples,
+                                 desc=f"{name} {split}", generate_fn=generate_fn, nll_fn=nll_fn)
             if write:
-                lamp.write_predictions(Path(workdir) / f"predictions_{method}_{split}.json",
+                lamp.write_predictions(Path(workdir) / f"predictions_{name}_{split}.json",
                                        task.name, [e.id for e in examples], outputs)
             if all(g is not None for g in golds):
-                results.setdefault(method, {})[split] = metrics.evaluate(task.name, outputs, golds)
+                results.setdefault(name, {})[split] = metrics.evaluate(task.name, outputs, golds)
     return results
 
 
@@ -160,7 +230,7 @@ def main(argv: Sequence[str]) -> None:
     plug_params = checkpoint.load_plug(Path(workdir) / "plug",
                                        experiment.init_plug_params(jax.random.key(0), mesh))
     with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in config.axis_rules]):
-        results = evaluate(experiment, plug_params, splits, workdir,
+        results = evaluate(experiment, plug_params, splits, workdir, method=config.method,
                            write=jax.process_index() == 0)
     cli.echo(format_table(results, experiment.task.name))
     cli.echo(f"metrics written to {write_metrics(results, workdir)}")

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from plug_jax import llm as llm_lib, plug, sharding
+from plug_jax import llm as llm_lib, methods, plug, sharding
 from plug_jax.data import history as history_lib, lamp, synthetic
 from plug_jax.models import assets, bert, layers
 from plug_jax.models.loading import read_hf_config
@@ -60,8 +60,9 @@ class Experiment:
     def init_plug_params(self, rng: jax.Array, mesh=None):
         """Fresh projectors and instruction vector; the query encoder starts as the encoder."""
         params = dict(layers.unboxed(self._init_plug(rng)["params"]))
-        # A copy: the training state is donated to the update, which frees its buffers.
-        params["query_encoder"] = jax.tree.map(jnp.copy, self.encoder_params)
+        if "query_encoder" in params:
+            # A copy: the training state is donated to the update, which frees its buffers.
+            params["query_encoder"] = jax.tree.map(jnp.copy, self.encoder_params)
         return params if mesh is None else jax.device_put(params, self.plug_shardings(mesh))
 
 
@@ -88,8 +89,31 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str | Path,
         if split != config.data.train_split and not (directory / f"{split}_questions.json").exists():
             print(f"note: {directory} has no {split}_questions.json: split '{split}' skipped")
             continue
-        loaded[split] = lamp.load_split(directory, split, config.data.task)
+        loaded[split] = prepare(config, lamp.load_split(directory, split, config.data.task))
     return loaded
+
+
+def prepare(config: ml_collections.ConfigDict, examples: list[lamp.Example]) -> list[lamp.Example]:
+    """The examples as the config's recipe shows them to the plug and the LLM.
+
+    data.history_labels: each history text starts with its item's label (LaMP-2 tag, LaMP-3
+    score), so the persona can see the user's habits, not only their words.
+    A retrieval method (config.method): the LLM input starts with the user's top
+    data.retrieval_k history items by BM25 in LaMP's retrieval prompt format (sized to
+    data.max_input_tokens, about 4 characters a token); the plug's query stays the bare input.
+    """
+    task = lamp.get_task(config.data.task)
+    if config.data.history_labels and task.label_field:
+        examples = [dataclasses.replace(e, history=tuple(
+            f"{task.label_field} {label}: {text}"
+            for label, text in zip(e.history_labels, e.history))) for e in examples]
+    if methods.get(config.method).retrieval:
+        from plug_jax import baselines  # bm25s only for retrieval recipes
+
+        max_chars = 4 * config.data.max_input_tokens
+        examples = [dataclasses.replace(e, input=baselines.retrieval_prompt(
+            task, e, config.data.retrieval_k, max_chars=max_chars)) for e in examples]
+    return examples
 
 
 def _encoder_source(encoder: ml_collections.ConfigDict) -> tuple[bert.BertConfig | None, Path | None]:
@@ -176,10 +200,12 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
                                                 rules=config.axis_rules)
             # The soft tokens' scale is a value, not a shape: any will do for an abstract build.
             rms = 1.0 if abstract else plug.embedding_rms(llm.embedding_table(llm_params))
+            method = methods.get(config.method)
             embedder = plug.UserEmbedder(
                 encoder_config=encoder_config, llm_width=llm.width, soft_token_rms=rms,
                 projector_hidden=config.plug.projector_hidden,
-                train_query_encoder=config.plug.train_query_encoder)
+                train_query_encoder=config.plug.train_query_encoder,
+                persona_tokens=config.plug.persona_tokens if method.plug == "persona" else 0)
     return Experiment(config=config, task=lamp.get_task(data.task), splits=examples, llm=llm,
                       llm_params=llm_params, encoder_config=encoder_config,
                       encoder_params=encoder_params,

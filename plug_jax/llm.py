@@ -36,16 +36,23 @@ def _pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.nd
     return ids, mask
 
 
-def _token_loss(logits, targets, weights):
-    """Summed cross-entropy over weighted target positions, and the weight total."""
+def _example_nll(logits, targets, weights):
+    """Per example: cross-entropy summed over weighted target positions, and the weight total."""
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
     weights = weights.astype(jnp.float32)
-    return jnp.sum(nll * weights), jnp.sum(weights)
+    return jnp.sum(nll * weights, axis=-1), jnp.sum(weights, axis=-1)
+
+
+class _TargetLoss:
+    def loss(self, params, soft: jax.Array | None, batch: Batch):
+        """The batch's summed target-token cross-entropy, and its number of target tokens."""
+        nll, count = self.example_nll(params, soft, batch)
+        return jnp.sum(nll), jnp.sum(count)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class DecoderOnlyLM:
+class DecoderOnlyLM(_TargetLoss):
     """A Llama-family chat model: [header][soft tokens][user text + generation prompt][target]."""
 
     module: llama.Llama
@@ -116,14 +123,14 @@ class DecoderOnlyLM:
                 np.asarray(starts, np.int32)[:, None] + np.arange(span, dtype=np.int32), length - 1)
         return features
 
-    def loss(self, params, soft: jax.Array | None, batch: Batch):
+    def example_nll(self, params, soft: jax.Array | None, batch: Batch):
         positions = batch["target_positions"]
         if soft is not None:  # the soft tokens sit before the prompt's user text, so before these
             positions = positions + soft.shape[1]
         logits, _ = self.module.apply({"params": params}, batch["tokens"], batch["mask"],
                                       embedded_prefix=soft, insert_at=self.insert_at,
                                       logit_positions=positions)
-        return _token_loss(logits, batch["targets"], batch["target_mask"])
+        return _example_nll(logits, batch["targets"], batch["target_mask"])
 
     def generate(self, params, soft: jax.Array | None, batch: Batch, *, method: str,
                  max_new_tokens: int, num_beams: int = 4) -> jax.Array:
@@ -136,7 +143,7 @@ class DecoderOnlyLM:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class EncoderDecoderLM:
+class EncoderDecoderLM(_TargetLoss):
     """T5: soft tokens, then the input, enter the encoder; the decoder produces the target."""
 
     module: t5.T5
@@ -176,11 +183,11 @@ class EncoderDecoderLM:
                                                                  self.tokenizer.pad_id or 0)
         return features
 
-    def loss(self, params, soft: jax.Array | None, batch: Batch):
+    def example_nll(self, params, soft: jax.Array | None, batch: Batch):
         decoder_tokens = t5.shift_right(batch["targets"], self.module.config.decoder_start_token_id)
         logits = self.module.apply({"params": params}, batch["tokens"], batch["mask"], decoder_tokens,
                                    batch["target_mask"], embedded_prefix=soft)
-        return _token_loss(logits, batch["targets"], batch["target_mask"])
+        return _example_nll(logits, batch["targets"], batch["target_mask"])
 
     def generate(self, params, soft: jax.Array | None, batch: Batch, *, method: str,
                  max_new_tokens: int, num_beams: int = 4) -> jax.Array:

@@ -193,7 +193,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
                                 optimizer=optimizer, accum_steps=config.optim.grad_accum_steps)
     count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
     counts = {"llm": count(exp.llm_params), "plug": count(plug_params),
-              "query_encoder": count(plug_params["query_encoder"])}
+              "query_encoder": count(plug_params.get("query_encoder", {}))}
     # The LLM never trains; the query encoder may be frozen (then it has no optimizer state).
     counts["trainable"] = counts["plug"] - (0 if config.plug.train_query_encoder
                                             else counts["query_encoder"])

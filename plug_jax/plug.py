@@ -6,7 +6,9 @@ For one input x of user u with history h_1..h_n (oldest first):
   P_u    = sum_i w_i * MLP_persona(E_hist(h_i))       persona embedding, LLM width
   I      = MLP_instruction(v)                         trained instruction vector, LLM width
 and [I, P_u] enter the LLM as soft tokens, each rescaled to the RMS of the LLM's token embeddings
-(derived from the embedding table, where the reference hard-codes T5-XXL's constants).
+(derived from the embedding table, where the reference hard-codes T5-XXL's constants). With
+`persona_tokens` k > 1, MLP_persona's output is k tokens wide; with `persona_tokens` 0 the plug is
+the instruction token alone (the paper's ablation, no history read).
 E_hist is frozen and precomputed (plug_jax.embed); only this module's parameters train.
 """
 
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 from plug_jax.models import bert
 from plug_jax.models.layers import Dense, constrain
 
-NUM_SOFT_TOKENS = 2  # [instruction, persona]
+NUM_SOFT_TOKENS = 2  # [instruction, persona] by default
 
 
 class ProjectorMLP(nn.Module):
@@ -59,19 +61,27 @@ def rms_scale(x: jax.Array, target_rms: float, eps: float = 1e-12) -> jax.Array:
 
 
 class UserEmbedder(nn.Module):
-    """Query encoder + input-aware aggregator + projectors -> [B, 2, llm_width] soft tokens."""
+    """Query encoder + input-aware aggregator + projectors -> [B, 1 + persona_tokens, llm_width]
+    soft tokens: the instruction token, then the persona."""
 
     encoder_config: bert.BertConfig
     llm_width: int
     soft_token_rms: float
     projector_hidden: int = 0  # 0: the LLM width
     train_query_encoder: bool = True  # the paper trains it; frozen, it needs no backward pass
+    persona_tokens: int = 1  # 0: the instruction token alone
     dtype: Any = jnp.float32
+
+    @property
+    def num_soft_tokens(self) -> int:
+        return 1 + self.persona_tokens
 
     def setup(self):
         hidden = self.projector_hidden or self.llm_width
-        self.query_encoder = bert.Bert(self.encoder_config, dtype=self.dtype)
-        self.persona_projector = ProjectorMLP(hidden, self.llm_width, dtype=self.dtype)
+        if self.persona_tokens:
+            self.query_encoder = bert.Bert(self.encoder_config, dtype=self.dtype)
+            self.persona_projector = ProjectorMLP(hidden, self.llm_width * self.persona_tokens,
+                                                  dtype=self.dtype)
         self.instruction_projector = ProjectorMLP(hidden, self.llm_width, dtype=self.dtype)
         width = self.encoder_config.hidden_size
         self.instruction = self.param(
@@ -84,14 +94,19 @@ class UserEmbedder(nn.Module):
         return query if self.train_query_encoder else jax.lax.stop_gradient(query)
 
     def __call__(self, query_tokens, query_mask, history, history_mask, *, return_weights=False):
-        query = self.encode_query(query_tokens, query_mask)
-        weights = aggregation_weights(query, history.astype(jnp.float32), history_mask)
-        persona = jnp.einsum("bh,bhd->bd", weights,
-                             self.persona_projector(history.astype(self.dtype)))
+        batch = history.shape[0]
         instruction = self.instruction_projector(self.instruction)
-        instruction = jnp.broadcast_to(instruction, persona.shape)
-        soft = jnp.stack([instruction, persona], axis=1).astype(jnp.float32)
-        soft = constrain(rms_scale(soft, self.soft_token_rms), ("batch", "length", "embed"))
+        soft = jnp.broadcast_to(instruction, (batch, 1, self.llm_width))
+        weights = jnp.zeros(history_mask.shape, jnp.float32)
+        if self.persona_tokens:
+            query = self.encode_query(query_tokens, query_mask)
+            weights = aggregation_weights(query, history.astype(jnp.float32), history_mask)
+            persona = jnp.einsum("bh,bhd->bd", weights,
+                                 self.persona_projector(history.astype(self.dtype)))
+            persona = persona.reshape(batch, self.persona_tokens, self.llm_width)
+            soft = jnp.concatenate([soft, persona.astype(soft.dtype)], axis=1)
+        soft = constrain(rms_scale(soft.astype(jnp.float32), self.soft_token_rms),
+                         ("batch", "length", "embed"))
         return (soft, weights) if return_weights else soft
 
 

@@ -3,7 +3,9 @@
   python -m plug_jax.train --config configs/lamp3.py --workdir /tmp/pplug_lamp3
 
 Reads top to bottom: mesh -> data, frozen LLM, encoder, history cache -> plug init -> jitted
-update -> training loop -> evaluation of PPlug against the zero-shot LLM -> saved plug.
+update -> training loop -> evaluation against the baselines (zero-shot LLM, majority label, the
+user's own past labels) -> saved plug. `--config.method=instruction` trains the instruction token
+alone, `pplug_bm25` adds retrieved history to the prompt (plug_jax/methods.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import optax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from plug_jax import checkpoint, cli, evaluate, sharding
+from plug_jax import checkpoint, cli, evaluate, methods, sharding
 from plug_jax import experiment as experiment_lib
 from plug_jax.data import grain_pipeline, pipeline
 
@@ -136,9 +138,13 @@ class RunResult:
     start_step: int    # > 0 when the run resumed from a checkpoint
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
-    """Trains (resuming from the workdir's latest checkpoint), evaluates PPlug against the
-    zero-shot LLM, and exports the plug. SIGTERM saves a checkpoint and exits."""
+def run(config: ml_collections.ConfigDict, workdir: str | Path,
+        baselines: Sequence[str] = evaluate.BASELINES) -> RunResult:
+    """Trains config.method's plug (resuming from the workdir's latest checkpoint), evaluates it
+    against the baselines, and exports it. SIGTERM saves a checkpoint and exits."""
+    if not methods.get(config.method).trains:
+        raise ValueError(f"config.method {config.method!r} trains nothing: evaluate it with "
+                         "python -m plug_jax.compare --methods ...")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -262,7 +268,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
         checkpoint.export_plug(plug_path, state["params"],
                                checkpoint.plug_config_for(exp, step=steps))
         results = evaluate.evaluate(exp, state["params"], tuple(config.data.eval_splits), workdir,
-                                    write=is_main)
+                                    method=config.method, baselines=baselines, write=is_main)
         if writer:
             for method, by_split in results.items():
                 for split, values in by_split.items():

@@ -62,7 +62,7 @@ def test_only_the_plug_trains(tiny_run):
 def test_run_writes_metrics_predictions_and_the_plug(tiny_run):
     workdir, result = tiny_run
     metrics = json.loads((workdir / "metrics.json").read_text())
-    assert set(metrics) == {"pplug", "pplug-no-history", "zero-shot"}
+    assert set(metrics) == {"pplug", "zero_shot", "majority", "profile"}
     for method in metrics:
         assert set(metrics[method]["dev"]) == {"mae", "rmse"}
     assert metrics == result.metrics
@@ -156,5 +156,5 @@ def test_the_exported_plug_reproduces_the_run_metrics(tiny_run, tmp_path):
     workdir, result = tiny_run
     exp = result.experiment
     plug_params = checkpoint.load_plug(workdir / "plug", exp.init_plug_params(jax.random.key(9)))
-    again = evaluate.evaluate(exp, plug_params, ("dev",), tmp_path, baselines=False)
+    again = evaluate.evaluate(exp, plug_params, ("dev",), tmp_path, baselines=())
     assert again["pplug"]["dev"] == result.metrics["pplug"]["dev"]

@@ -1,0 +1,70 @@
+"""Every method on tiny models, and `compare` end to end over two seeds, resuming."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import lamp3
+from plug_jax import compare, methods, metrics
+from plug_jax.data import lamp
+
+SEEDS = 2
+EVAL_EXAMPLES = 6
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("compare")
+    config = lamp3.get_config("tiny")
+    config.optim.max_steps = 2
+    config.data.eval_splits = ("dev",)
+    config.data.max_eval_examples = EVAL_EXAMPLES
+    config.decode.method = "score"  # LaMP-3's labels ranked: one forward pass per label
+    table = compare.compare(config, workdir, list(methods.METHODS), SEEDS, command="test")
+    return workdir, config, table
+
+
+def test_every_method_writes_lamp_predictions_scored_as_in_the_table(compared):
+    workdir, config, table = compared
+    golds = [e.target for e in lamp.load_split(config.data.dir, "dev", "LaMP_3")][:EVAL_EXAMPLES]
+    assert set(table) == set(methods.METHODS)
+    for name, method in methods.METHODS.items():
+        seeds = SEEDS if method.trains else 1
+        assert len(table[name]["dev"]["mae"]["seeds"]) == seeds
+        for seed in range(seeds):
+            task, predictions = lamp.read_outputs(
+                workdir / name / f"seed{seed}" / f"predictions_{name}_dev.json")
+            assert task == "LaMP_3" and len(predictions) == EVAL_EXAMPLES
+            outputs = list(predictions.values())
+            if method.uses_llm:  # label scoring answers with a label
+                assert set(outputs) <= set(lamp.get_task("LaMP_3").labels)
+            scored = metrics.evaluate("LaMP_3", outputs, golds)["mae"]
+            assert scored == pytest.approx(table[name]["dev"]["mae"]["seeds"][seed])
+        values = table[name]["dev"]["mae"]["seeds"]
+        assert table[name]["dev"]["mae"]["mean"] == pytest.approx(np.mean(values))
+        expected_std = np.std(values, ddof=1) if len(values) > 1 else 0.0
+        assert table[name]["dev"]["mae"]["std"] == pytest.approx(expected_std)
+
+
+def test_compare_writes_json_markdown_and_significance(compared):
+    workdir, _, table = compared
+    assert json.loads((workdir / "compare.json").read_text()) == table
+    markdown = (workdir / "compare.md").read_text()
+    for name in methods.METHODS:
+        assert f"| {name} (" in markdown
+    tests = json.loads((workdir / "significance.json").read_text())
+    for plug in ("pplug", "pplug_bm25"):
+        test = tests[plug]["dev"]
+        assert methods.get(test["baseline"]).plug != "persona"
+        assert set(test["p"]) == {"mae", "rmse"}
+        assert all(0.0 <= p <= 1.0 for p in test["p"].values())
+
+
+def test_rerunning_resumes_what_is_done(compared):
+    workdir, config, table = compared
+    stamps = {path: path.stat().st_mtime_ns for path in workdir.glob("*/seed*/metrics.json")}
+    assert len(stamps) == sum(SEEDS if m.trains else 1 for m in methods.METHODS.values())
+    again = compare.compare(config, workdir, list(methods.METHODS), SEEDS, command="test")
+    assert again == table
+    assert {path: path.stat().st_mtime_ns for path in stamps} == stamps
