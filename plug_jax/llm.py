@@ -252,10 +252,6 @@ def _tiny_t5(dtype, soft_token_position, remat):
     config = t5.T5Config.tiny(vocab_size=tokenizer.vocab_size)
     module = t5.T5(config, dtype=dtype, param_dtype=dtype, remat=remat)
     params = t5.init_params(config, jax.random.key(0), dtype)
-    # At the default std 0.02 a random T5 is near the identity and its decoder hardly sees the
-    # encoder (nor the soft tokens); std 0.2, as the tiny Llama, makes every part matter.
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x * 10 if path[-1].key == "kernel" else x, params)
     return EncoderDecoderLM(module, tokenizer), params
 
 
