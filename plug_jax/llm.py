@@ -25,6 +25,7 @@ from plug_jax.models.loading import read_hf_config
 from plug_jax.models.tokenizer import Tokenizer, chat_header_and_body
 
 Batch = dict[str, Any]
+Cache = dict[str, Any]
 
 
 def _pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -34,6 +35,11 @@ def _pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.nd
         ids[i, :len(row)] = row
         mask[i, :len(row)] = True
     return ids, mask
+
+
+def _last_true_index(mask: jax.Array) -> jax.Array:
+    """[B, T] bool -> [B] index of each row's last True slot (0 for an empty row)."""
+    return jnp.max(jnp.where(mask, jnp.arange(mask.shape[1]), 0), axis=1)
 
 
 def _example_nll(logits, targets, weights):
@@ -132,13 +138,35 @@ class DecoderOnlyLM(_TargetLoss):
                                       logit_positions=positions)
         return _example_nll(logits, batch["targets"], batch["target_mask"])
 
+    def prefill(self, params, soft: jax.Array | None, batch: Batch,
+                max_new_tokens: int) -> tuple[jax.Array, Cache]:
+        """Runs right-padded prompts (with soft tokens) into a fresh cache with room for max_new_tokens.
+
+        Returns (logits [B, V] at each prompt's last real slot, cache). Generated tokens then go after
+        the padding slots, which stay masked, so every row continues from its own last token.
+        """
+        size, length = batch["tokens"].shape
+        prompt_slots = length + (0 if soft is None else soft.shape[1])
+        cache = llama.init_cache(self.module.config, size, prompt_slots + max_new_tokens,
+                                 self.module.dtype)
+        logits, cache = self.module.apply({"params": params}, batch["tokens"], batch["mask"],
+                                          embedded_prefix=soft, insert_at=self.insert_at, cache=cache)
+        return logits[jnp.arange(size), _last_true_index(cache["key_mask"][:, :prompt_slots])], cache
+
+    def tokens_to_logits_fn(self, params) -> Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]:
+        """(tokens [B, 1], cache) -> (logits [B, V], cache): one decoding step."""
+
+        def tokens_to_logits(tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+            logits, cache = self.module.apply({"params": params}, tokens, jnp.ones(tokens.shape, bool),
+                                              cache=cache)
+            return logits[:, -1], cache
+
+        return tokens_to_logits
+
     def generate(self, params, soft: jax.Array | None, batch: Batch, *, method: str,
                  max_new_tokens: int, num_beams: int = 4) -> jax.Array:
-        initial_logits, cache = llama.prefill(self.module, params, batch["tokens"], batch["mask"],
-                                              max_new_tokens, embedded_prefix=soft,
-                                              insert_at=self.insert_at)
-        tokens_to_logits = llama.tokens_to_logits_fn(self.module, params)
-        return decode.decode(initial_logits, cache, tokens_to_logits, method=method,
+        initial_logits, cache = self.prefill(params, soft, batch, max_new_tokens)
+        return decode.decode(initial_logits, cache, self.tokens_to_logits_fn(params), method=method,
                              eos_id=self.eos_id, max_new_tokens=max_new_tokens, num_beams=num_beams)
 
 
@@ -189,26 +217,35 @@ class EncoderDecoderLM(_TargetLoss):
                                    batch["target_mask"], embedded_prefix=soft)
         return _example_nll(logits, batch["targets"], batch["target_mask"])
 
-    def generate(self, params, soft: jax.Array | None, batch: Batch, *, method: str,
-                 max_new_tokens: int, num_beams: int = 4) -> jax.Array:
+    def prefill(self, params, soft: jax.Array | None, batch: Batch,
+                max_new_tokens: int) -> tuple[jax.Array, Cache]:
+        """Encodes soft tokens + prompts once (cross-attention keys/values cached), then runs the
+        decoder start token. Returns (its logits [B, V], cache with room for max_new_tokens)."""
         variables = {"params": params}
         encoded, encoder_mask = self.module.apply(variables, batch["tokens"], batch["mask"],
                                                   embedded_prefix=soft, method=t5.T5.encode)
         size = encoded.shape[0]
         cache = t5.init_cache(self.module.config, size, max_new_tokens + 1, self.module.dtype)
         cache = self.module.apply(variables, encoded, cache, method=t5.T5.cache_cross_attention)
-        cache = {**cache, "encoder_mask": encoder_mask}
+        start = jnp.full((size, 1), self.module.config.decoder_start_token_id, jnp.int32)
+        return self.tokens_to_logits_fn(params)(start, {**cache, "encoder_mask": encoder_mask})
 
-        def tokens_to_logits(step_tokens, step_cache):
-            mask = step_cache["encoder_mask"]
-            decoder_cache = {k: v for k, v in step_cache.items() if k != "encoder_mask"}
-            logits, decoder_cache = self.module.apply(variables, step_tokens, None, mask,
+    def tokens_to_logits_fn(self, params) -> Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]:
+        """(tokens [B, 1], cache) -> (logits [B, V], cache): one decoding step."""
+
+        def tokens_to_logits(tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+            mask = cache["encoder_mask"]
+            decoder_cache = {k: v for k, v in cache.items() if k != "encoder_mask"}
+            logits, decoder_cache = self.module.apply({"params": params}, tokens, None, mask,
                                                       cache=decoder_cache, method=t5.T5.decode)
             return logits[:, -1], {**decoder_cache, "encoder_mask": mask}
 
-        start = jnp.full((size, 1), self.module.config.decoder_start_token_id, jnp.int32)
-        initial_logits, cache = tokens_to_logits(start, cache)
-        return decode.decode(initial_logits, cache, tokens_to_logits, method=method,
+        return tokens_to_logits
+
+    def generate(self, params, soft: jax.Array | None, batch: Batch, *, method: str,
+                 max_new_tokens: int, num_beams: int = 4) -> jax.Array:
+        initial_logits, cache = self.prefill(params, soft, batch, max_new_tokens)
+        return decode.decode(initial_logits, cache, self.tokens_to_logits_fn(params), method=method,
                              eos_id=self.eos_id, max_new_tokens=max_new_tokens, num_beams=num_beams)
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from plug_jax.models import bert
-from plug_jax.models.layers import Dense, constrain
+from plug_jax.models.layers import constrain, dense
 
 NUM_SOFT_TOKENS = 2  # [instruction, persona] by default
 
@@ -35,10 +35,10 @@ class ProjectorMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = Dense(self.hidden, ("encoder_embed", "mlp"), use_bias=True, dtype=self.dtype,
+        x = dense(self.hidden, ("encoder_embed", "mlp"), use_bias=True, dtype=self.dtype,
                   name="fc1")(x)
         x = nn.gelu(x, approximate=False)
-        return Dense(self.out, ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="fc2")(x)
+        return dense(self.out, ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="fc2")(x)
 
 
 def aggregation_weights(query: jax.Array, history: jax.Array, history_mask: jax.Array):

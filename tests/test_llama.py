@@ -1,5 +1,6 @@
 """Llama-family decoder: Hugging Face parity, KV cache, soft prefix, SmolLM2 GGUF, tokenizer, errors."""
 
+import functools
 import json
 import os
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from plug_jax import llm
 from plug_jax.models import assets, llama
 from plug_jax.models.loading import CheckpointError
 from plug_jax.models.tokenizer import Tokenizer, chat_header_and_body, chat_prompt
@@ -97,7 +99,7 @@ def test_abstract_params_match_init(tiny):
                for a, p in zip(jax.tree.leaves(abstract), jax.tree.leaves(params)))
     axes = llama.param_logical_axes(config)
     assert tuple(axes["embed_tokens"]["embedding"]) == ("vocab", "embed")
-    assert tuple(axes["layers_0"]["self_attn"]["k_proj"]["Dense_0"]["kernel"]) == ("embed", "kv_heads")
+    assert tuple(axes["layers_0"]["self_attn"]["k_proj"]["kernel"]) == ("embed", "kv_heads")
 
 
 def test_padding_in_the_middle_is_invisible(tiny):
@@ -224,7 +226,10 @@ def test_smollm2_greedy_answers_paris(smollm2, smollm2_tokenizer):
     width = max(map(len, prompts))
     tokens = np.array([p + [config.pad_id] * (width - len(p)) for p in prompts], np.int32)
     mask = np.array([[True] * len(p) + [False] * (width - len(p)) for p in prompts])
-    generated = llama.greedy_generate(llama.Llama(config), params, tokens, mask, 16, eos_id=config.eos_id)
+    lm = llm.DecoderOnlyLM(llama.Llama(config), smollm2_tokenizer)
+    assert lm.eos_id == config.eos_id
+    greedy = jax.jit(functools.partial(lm.generate, method="greedy", max_new_tokens=16))
+    generated = greedy(params, None, {"tokens": tokens, "mask": mask})
     answers = [smollm2_tokenizer.decode(np.asarray(row)) for row in generated]
     print(f"SmolLM2 greedy: {answers}")
     assert "Paris" in answers[0] and "Tokyo" in answers[1]

@@ -59,6 +59,7 @@ def test_soft_tokens_go_after_the_chat_header():
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
+@pytest.mark.usefixtures("sharp_tiny_t5")
 def test_soft_tokens_change_the_generated_output(name):
     lm, params = llm_lib.load_llm(name)
     batch = _arrays(lm.featurize([REVIEW] * 2, None, max_input_tokens=64, max_target_tokens=4,

@@ -67,9 +67,9 @@ for name, mesh in meshes.items():
     config.mesh = mesh
     result = train.run(config, f"{sys.argv[2]}/{name.replace(' ', '_')}")
     llm, state = result.experiment.llm_params, result.state
-    kernel = "['persona_projector']['fc2']['Dense_0']['kernel']"
+    kernel = "['persona_projector']['fc2']['kernel']"
     arrays = {"llm embedding": leaf(llm, "['embed_tokens']['embedding']"),
-              "llm mlp kernel": leaf(llm, "['layers_0']['mlp']['gate_proj']['Dense_0']['kernel']"),
+              "llm mlp kernel": leaf(llm, "['layers_0']['mlp']['gate_proj']['kernel']"),
               "plug projector kernel": leaf(state["params"], kernel),
               "its adam moment": leaf(state["opt"], ".mu" + kernel)}
     out[name] = {"losses": result.losses,

@@ -110,6 +110,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_run):
                      params_k, updated[0][0])
 
 
+@pytest.mark.usefixtures("sharp_tiny_t5")
 def test_t5_family_trains_end_to_end(tmp_path):
     config = _tiny_config(llm__path="tiny-t5", optim__max_steps=8, optim__epochs=10.0,
                           optim__lr=1e-2)

@@ -188,7 +188,7 @@ class BertSelfAttention(nn.Module):
         batch, length, _ = x.shape
 
         def project(name: str) -> jax.Array:
-            y = layers.Dense(config.hidden_size, ("embed", "q_heads"), use_bias=True, dtype=self.dtype,
+            y = layers.dense(config.hidden_size, ("embed", "q_heads"), use_bias=True, dtype=self.dtype,
                              param_dtype=self.param_dtype, name=name)(x)
             y = y.reshape(batch, length, config.num_heads, config.head_dim)
             return layers.constrain(y, ("batch", "length", "heads", "kv"))
@@ -196,7 +196,7 @@ class BertSelfAttention(nn.Module):
         q, k, v = project("query"), project("key"), project("value")
         out = layers.dot_product_attention(q, k, v, bias, scale=config.head_dim ** -0.5)
         out = out.reshape(batch, length, config.hidden_size)
-        return layers.Dense(config.hidden_size, ("q_heads", "embed"), use_bias=True, dtype=self.dtype,
+        return layers.dense(config.hidden_size, ("q_heads", "embed"), use_bias=True, dtype=self.dtype,
                             param_dtype=self.param_dtype, name="output")(out)
 
 
@@ -211,10 +211,10 @@ class BertLayer(nn.Module):
         attended = BertSelfAttention(config, **kw, name="attention")(x, bias)
         x = _layer_norm(config, **kw, name="attention_norm")(x + attended)
         x = layers.constrain(x, ("batch", "length", "embed"))
-        h = layers.Dense(config.intermediate_size, ("embed", "mlp"), use_bias=True, **kw,
+        h = layers.dense(config.intermediate_size, ("embed", "mlp"), use_bias=True, **kw,
                          name="intermediate")(x)
         h = layers.constrain(_ACTIVATIONS[config.hidden_act](h), ("batch", "length", "mlp"))
-        h = layers.Dense(config.hidden_size, ("mlp", "embed"), use_bias=True, **kw, name="output")(h)
+        h = layers.dense(config.hidden_size, ("mlp", "embed"), use_bias=True, **kw, name="output")(h)
         x = _layer_norm(config, **kw, name="output_norm")(x + h)
         return layers.constrain(x, ("batch", "length", "embed"))
 
@@ -277,28 +277,20 @@ def pool(hidden: jax.Array, mask: jax.Array, pooling: Pooling, normalize: bool =
     return pooled
 
 
-def _boxed_init(config: BertConfig, rng: jax.Array, dtype: Dtype):
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return Bert(config, param_dtype=dtype).init(rng, tokens, tokens.astype(bool))["params"]
-
-
-def _boxed_params(config: BertConfig, dtype: Dtype):
-    return jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0), dtype))
-
-
-def abstract_params(config: BertConfig, dtype: Dtype = jnp.float32) -> dict:
-    """The parameter tree as unboxed ShapeDtypeStructs (what `load_params` fills)."""
-    return layers.unboxed(_boxed_params(config, dtype))
+_EXAMPLE_INPUTS = (np.zeros((1, 1), np.int32), np.zeros((1, 1), bool))  # tokens, mask
 
 
 def init_params(config: BertConfig, rng: jax.Array, dtype: Dtype = jnp.float32) -> dict:
     """Random parameters (tests and smoke runs), unboxed."""
-    return layers.unboxed(_boxed_init(config, rng, dtype))
+    return layers.init_params(Bert(config, param_dtype=dtype), rng, *_EXAMPLE_INPUTS)
+
+
+def abstract_params(config: BertConfig, dtype: Dtype = jnp.float32) -> dict:
+    return layers.abstract_params(Bert(config, param_dtype=dtype), *_EXAMPLE_INPUTS)
 
 
 def param_logical_axes(config: BertConfig) -> dict:
-    """The parameter tree as PartitionSpecs of logical axis names (for the mesh rules)."""
-    return nn.get_partition_spec(_boxed_params(config, jnp.float32))
+    return layers.param_logical_axes(Bert(config), *_EXAMPLE_INPUTS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,17 +308,17 @@ def bert_rules(prefix: str = "") -> list[Rule]:
             (r"(word|position|token_type)_embeddings/embedding", p + "embeddings.{}_embeddings.weight", None),
             (r"embeddings_norm/scale", p + "embeddings.LayerNorm.weight", None),
             (r"embeddings_norm/bias", p + "embeddings.LayerNorm.bias", None),
-            (r"layer_(\d+)/attention/(query|key|value)/Dense_0/kernel",
+            (r"layer_(\d+)/attention/(query|key|value)/kernel",
              layer + "attention.self.{}.weight", transpose),
-            (r"layer_(\d+)/attention/(query|key|value)/Dense_0/bias", layer + "attention.self.{}.bias", None),
-            (r"layer_(\d+)/attention/output/Dense_0/kernel", layer + "attention.output.dense.weight", transpose),
-            (r"layer_(\d+)/attention/output/Dense_0/bias", layer + "attention.output.dense.bias", None),
+            (r"layer_(\d+)/attention/(query|key|value)/bias", layer + "attention.self.{}.bias", None),
+            (r"layer_(\d+)/attention/output/kernel", layer + "attention.output.dense.weight", transpose),
+            (r"layer_(\d+)/attention/output/bias", layer + "attention.output.dense.bias", None),
             (r"layer_(\d+)/attention_norm/scale", layer + "attention.output.LayerNorm.weight", None),
             (r"layer_(\d+)/attention_norm/bias", layer + "attention.output.LayerNorm.bias", None),
-            (r"layer_(\d+)/intermediate/Dense_0/kernel", layer + "intermediate.dense.weight", transpose),
-            (r"layer_(\d+)/intermediate/Dense_0/bias", layer + "intermediate.dense.bias", None),
-            (r"layer_(\d+)/output/Dense_0/kernel", layer + "output.dense.weight", transpose),
-            (r"layer_(\d+)/output/Dense_0/bias", layer + "output.dense.bias", None),
+            (r"layer_(\d+)/intermediate/kernel", layer + "intermediate.dense.weight", transpose),
+            (r"layer_(\d+)/intermediate/bias", layer + "intermediate.dense.bias", None),
+            (r"layer_(\d+)/output/kernel", layer + "output.dense.weight", transpose),
+            (r"layer_(\d+)/output/bias", layer + "output.dense.bias", None),
             (r"layer_(\d+)/output_norm/scale", layer + "output.LayerNorm.weight", None),
             (r"layer_(\d+)/output_norm/bias", layer + "output.LayerNorm.bias", None),
     ]

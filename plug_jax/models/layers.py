@@ -35,23 +35,13 @@ class RMSNorm(nn.Module):
         return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-class Dense(nn.Module):
-    """A Dense layer whose kernel (and bias) carry logical axis names."""
-
-    features: int
-    axes: tuple[str, str]
-    use_bias: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Any = nn.initializers.normal(0.02)
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(
-            self.features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(self.kernel_init, self.axes),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
-        )(x)
+def dense(features: int, axes: tuple[str, str], *, name: str | None = None, use_bias: bool = False,
+          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+          kernel_init: Any = nn.initializers.normal(0.02)) -> nn.Dense:
+    """An nn.Dense whose kernel (and bias) carry logical axis names."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
 
 def mask_to_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
@@ -90,3 +80,26 @@ def unboxed(tree):
     does under an active mesh, and which abstract shapes cannot take)."""
     return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata)
                         else x, tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+# Parameter trees of a module, given example inputs for its `__call__` (shapes do not matter
+# beyond building every parameter).
+
+
+def _abstract_boxed_params(module: nn.Module, *inputs):
+    return jax.eval_shape(lambda *x: module.init(jax.random.key(0), *x)["params"], *inputs)
+
+
+def init_params(module: nn.Module, rng: jax.Array, *inputs) -> dict:
+    """Random parameters, unboxed."""
+    return unboxed(module.init(rng, *inputs)["params"])
+
+
+def abstract_params(module: nn.Module, *inputs) -> dict:
+    """The parameter tree as unboxed ShapeDtypeStructs, without allocating anything."""
+    return unboxed(_abstract_boxed_params(module, *inputs))
+
+
+def param_logical_axes(module: nn.Module, *inputs) -> dict:
+    """The parameter tree as PartitionSpecs of logical axis names (for nn.logical_to_mesh_sharding)."""
+    return nn.get_partition_spec(_abstract_boxed_params(module, *inputs))

@@ -17,16 +17,15 @@ import dataclasses
 import functools
 import math
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plug_jax import decode
-from plug_jax.models import loading
-from plug_jax.models.layers import Dense, RMSNorm, constrain, dot_product_attention, mask_to_bias, unboxed
+from plug_jax.models import layers, loading
+from plug_jax.models.layers import RMSNorm, constrain, dot_product_attention, mask_to_bias
 from plug_jax.models.loading import CheckpointError
 
 Dtype = Any
@@ -167,7 +166,7 @@ class Attention(nn.Module):
     def __call__(self, x, positions, bias, kv_cache: Cache | None = None, write_index=None):
         cfg = self.config
         batch, length, _ = x.shape
-        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+        dense = functools.partial(layers.dense, dtype=self.dtype, param_dtype=self.param_dtype,
                                   kernel_init=nn.initializers.normal(cfg.initializer_range))
         q_features, kv_features = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q = dense(q_features, ("embed", "q_heads"), use_bias=cfg.attention_bias, name="q_proj")(x)
@@ -205,7 +204,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+        dense = functools.partial(layers.dense, dtype=self.dtype, param_dtype=self.param_dtype,
                                   kernel_init=nn.initializers.normal(cfg.initializer_range))
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj")(x)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), name="up_proj")(x)
@@ -303,8 +302,9 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            logits = Dense(cfg.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype,
-                           kernel_init=nn.initializers.normal(cfg.initializer_range), name="lm_head")(x)
+            logits = layers.dense(cfg.vocab_size, ("embed", "vocab"), dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name="lm_head",
+                                  kernel_init=nn.initializers.normal(cfg.initializer_range))(x)
         logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
         new_cache = None
@@ -340,27 +340,20 @@ def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype: Dtype = 
 # Parameters.
 
 
-def _boxed_init(config: LlamaConfig, rng: jax.Array, param_dtype: Dtype):
-    model = Llama(config, param_dtype=param_dtype)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return model.init(rng, tokens, jnp.ones((1, 1), bool))["params"]
+_EXAMPLE_INPUTS = (np.zeros((1, 1), np.int32), np.ones((1, 1), bool))  # tokens, mask
 
 
 def init_params(config: LlamaConfig, rng: jax.Array, param_dtype: Dtype = jnp.float32) -> dict:
     """Random parameters (tests; std `config.initializer_range`), unboxed."""
-    return unboxed(_boxed_init(config, rng, param_dtype))
+    return layers.init_params(Llama(config, param_dtype=param_dtype), rng, *_EXAMPLE_INPUTS)
 
 
 def abstract_params(config: LlamaConfig, dtype: Dtype = jnp.float32) -> dict:
-    """The parameter tree as ShapeDtypeStructs, without allocating anything."""
-    boxed = jax.eval_shape(functools.partial(_boxed_init, config, param_dtype=dtype), jax.random.key(0))
-    return unboxed(boxed)
+    return layers.abstract_params(Llama(config, param_dtype=dtype), *_EXAMPLE_INPUTS)
 
 
 def param_logical_axes(config: LlamaConfig) -> dict:
-    """The parameter tree as PartitionSpecs of logical axis names (map to a mesh with logical rules)."""
-    boxed = jax.eval_shape(functools.partial(_boxed_init, config, param_dtype=jnp.float32), jax.random.key(0))
-    return nn.get_partition_spec(boxed)
+    return layers.param_logical_axes(Llama(config), *_EXAMPLE_INPUTS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,16 +361,16 @@ def param_logical_axes(config: LlamaConfig) -> dict:
 
 LLAMA_RULES: tuple[loading.Rule, ...] = (
         (r"embed_tokens/embedding", "model.embed_tokens.weight", None),
-        (r"layers_(\d+)/self_attn/(q|k|v|o)_proj/Dense_0/kernel",
+        (r"layers_(\d+)/self_attn/(q|k|v|o)_proj/kernel",
          "model.layers.{0}.self_attn.{1}_proj.weight", loading.transpose),
-        (r"layers_(\d+)/self_attn/(q|k|v|o)_proj/Dense_0/bias",
+        (r"layers_(\d+)/self_attn/(q|k|v|o)_proj/bias",
          "model.layers.{0}.self_attn.{1}_proj.bias", None),
-        (r"layers_(\d+)/mlp/(gate|up|down)_proj/Dense_0/kernel", "model.layers.{0}.mlp.{1}_proj.weight",
+        (r"layers_(\d+)/mlp/(gate|up|down)_proj/kernel", "model.layers.{0}.mlp.{1}_proj.weight",
          loading.transpose),
         (r"layers_(\d+)/(input_layernorm|post_attention_layernorm)/scale",
          "model.layers.{0}.{1}.weight", None),
         (r"norm/scale", "model.norm.weight", None),
-        (r"lm_head/Dense_0/kernel", "lm_head.weight", loading.transpose),
+        (r"lm_head/kernel", "lm_head.weight", loading.transpose),
 )
 
 
@@ -404,52 +397,3 @@ def load_llama(path: str | Path, dtype: Dtype = jnp.bfloat16,
         shardings = shardings(config)
     params = loading.load_params(abstract_params(config, dtype), source, LLAMA_RULES, dtype, shardings)
     return config, params
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding glue: `prefill` and `tokens_to_logits_fn` give what plug_jax.decode expects; greedy for
-# tests and quick checks.
-
-
-def last_valid_index(mask: jax.Array) -> jax.Array:
-    """[B, T] bool -> [B] index of each row's last True slot (0 for an empty row)."""
-    return jnp.max(jnp.where(mask, jnp.arange(mask.shape[1]), 0), axis=1)
-
-
-def prefill(model: Llama, params, tokens: jax.Array, mask: jax.Array, max_new_tokens: int, *,
-            embedded_prefix: jax.Array | None = None, prefix_mask: jax.Array | None = None,
-            insert_at: int = 0, cache_dtype: Dtype | None = None) -> tuple[jax.Array, Cache]:
-    """Runs right-padded prompts (with soft tokens) into a fresh cache with room for max_new_tokens.
-
-    Returns (logits [B, V] at each prompt's last real slot, cache). Generated tokens then go after
-    the padding slots, which stay masked, so every row continues from its own last token.
-    """
-    batch, length = tokens.shape
-    prompt_slots = length + (0 if embedded_prefix is None else embedded_prefix.shape[1])
-    cache = init_cache(model.config, batch, prompt_slots + max_new_tokens, cache_dtype or model.dtype)
-    logits, cache = model.apply({"params": params}, tokens, mask, embedded_prefix=embedded_prefix,
-                                prefix_mask=prefix_mask, insert_at=insert_at, cache=cache)
-    last = last_valid_index(cache["key_mask"][:, :prompt_slots])
-    return logits[jnp.arange(batch), last], cache
-
-
-def tokens_to_logits_fn(model: Llama, params) -> Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]:
-    """(tokens [B, 1], cache) -> (logits [B, V], cache): one decoding step."""
-
-    def tokens_to_logits(tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-        logits, cache = model.apply({"params": params}, tokens, jnp.ones(tokens.shape, bool), cache=cache)
-        return logits[:, -1], cache
-
-    return tokens_to_logits
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "insert_at", "eos_id"))
-def greedy_generate(model: Llama, params, tokens: jax.Array, mask: jax.Array, max_new_tokens: int, *,
-                    embedded_prefix: jax.Array | None = None, prefix_mask: jax.Array | None = None,
-                    insert_at: int = 0, eos_id: int | None = None) -> jax.Array:
-    """[B, max_new_tokens] greedy continuation of right-padded prompts; after eos, eos repeats."""
-    logits, cache = prefill(model, params, tokens, mask, max_new_tokens, embedded_prefix=embedded_prefix,
-                            prefix_mask=prefix_mask, insert_at=insert_at)
-    return decode.greedy(logits, cache, tokens_to_logits_fn(model, params),
-                         eos_id=model.config.eos_id if eos_id is None else eos_id,
-                         max_new_tokens=max_new_tokens)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tokenizers
 
 from plug_jax.models import assets
@@ -213,7 +214,7 @@ class Attention(nn.Module):
 
     def setup(self):
         inner = self.config.num_heads * self.config.d_kv
-        dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(layers.dense, dtype=self.dtype, param_dtype=self.param_dtype)
         self.query = dense(inner, ("embed", "q_heads"))
         self.key = dense(inner, ("embed", "q_heads"))
         self.value = dense(inner, ("embed", "q_heads"))
@@ -244,7 +245,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(layers.dense, dtype=self.dtype, param_dtype=self.param_dtype)
         activation = _ACTIVATIONS[self.config.activation]
         d_ff = self.config.d_ff
         if self.config.is_gated:
@@ -518,30 +519,21 @@ def init_cache(config: T5Config, batch: int, max_length: int, dtype: Dtype = jnp
     }
 
 
-def _boxed_init(config: T5Config, rng: jax.Array, dtype: Dtype):
-    model = T5(config, param_dtype=dtype)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    mask = jnp.ones((1, 1), bool)
-    return model.init(rng, tokens, mask, tokens, mask)["params"]
-
-
-def _boxed_abstract_params(config: T5Config, dtype: Dtype):
-    return jax.eval_shape(functools.partial(_boxed_init, config, dtype=dtype), jax.random.key(0))
+_EXAMPLE_TOKENS, _EXAMPLE_MASK = np.zeros((1, 1), np.int32), np.ones((1, 1), bool)
+_EXAMPLE_INPUTS = (_EXAMPLE_TOKENS, _EXAMPLE_MASK, _EXAMPLE_TOKENS, _EXAMPLE_MASK)  # encoder, decoder
 
 
 def init_params(config: T5Config, rng: jax.Array, dtype: Dtype = jnp.float32) -> dict:
     """Random parameters (tests and smoke runs), unboxed."""
-    return layers.unboxed(_boxed_init(config, rng, dtype))
+    return layers.init_params(T5(config, param_dtype=dtype), rng, *_EXAMPLE_INPUTS)
 
 
 def abstract_params(config: T5Config, dtype: Dtype = jnp.float32) -> dict:
-    """The parameter tree as unboxed jax.ShapeDtypeStructs, without allocating anything."""
-    return layers.unboxed(_boxed_abstract_params(config, dtype))
+    return layers.abstract_params(T5(config, param_dtype=dtype), *_EXAMPLE_INPUTS)
 
 
 def param_logical_axes(config: T5Config) -> dict:
-    """The parameter tree of logical-axis PartitionSpecs (for nn.logical_to_mesh_sharding)."""
-    return nn.get_partition_spec(_boxed_abstract_params(config, jnp.float32))
+    return layers.param_logical_axes(T5(config), *_EXAMPLE_INPUTS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,11 +541,10 @@ def param_logical_axes(config: T5Config) -> dict:
 # HF's encoder.embed_tokens / decoder.embed_tokens are shared.weight under other names: not read.
 
 _PROJECTIONS = (("query", "q"), ("key", "k"), ("value", "v"), ("out", "o"))
-_DENSE = r"/Dense_0/kernel"
 
 
 def _attention_rules(ours: str, hf: str) -> list[Rule]:
-    return [(rf"{ours}/{name}{_DENSE}", f"{hf}.{hf_name}.weight", transpose)
+    return [(rf"{ours}/{name}/kernel", f"{hf}.{hf_name}.weight", transpose)
             for name, hf_name in _PROJECTIONS]
 
 
@@ -569,7 +560,7 @@ T5_RULES: tuple[Rule, ...] = (
          "encoder.block.{0}.layer.0.layer_norm.weight", None),
         (r"encoder/layers_(\d+)/pre_mlp_norm/scale",
          "encoder.block.{0}.layer.1.layer_norm.weight", None),
-        (rf"encoder/layers_(\d+)/mlp/(wi|wi_0|wi_1|wo){_DENSE}",
+        (r"encoder/layers_(\d+)/mlp/(wi|wi_0|wi_1|wo)/kernel",
          "encoder.block.{0}.layer.1.DenseReluDense.{1}.weight", transpose),
         *_attention_rules(r"decoder/layers_(\d+)/self_attention",
                           "decoder.block.{0}.layer.0.SelfAttention"),
@@ -581,7 +572,7 @@ T5_RULES: tuple[Rule, ...] = (
          "decoder.block.{0}.layer.1.layer_norm.weight", None),
         (r"decoder/layers_(\d+)/pre_mlp_norm/scale", "decoder.block.{0}.layer.2.layer_norm.weight",
          None),
-        (rf"decoder/layers_(\d+)/mlp/(wi|wi_0|wi_1|wo){_DENSE}",
+        (r"decoder/layers_(\d+)/mlp/(wi|wi_0|wi_1|wo)/kernel",
          "decoder.block.{0}.layer.2.DenseReluDense.{1}.weight", transpose),
 )
 
