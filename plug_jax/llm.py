@@ -20,7 +20,8 @@ import numpy as np
 
 from plug_jax import decode
 from plug_jax.models import assets, llama, t5
-from plug_jax.models.tokenizer import Tokenizer, chat_header_and_body
+from plug_jax.models.chat import ChatTemplate
+from plug_jax.models.tokenizer import Tokenizer
 
 Batch = dict[str, Any]
 
@@ -44,21 +45,23 @@ def _token_loss(logits, targets, weights):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DecoderOnlyLM:
-    """A Llama-family chat model: [header][soft tokens][user text + generation prompt][target]."""
+    """A Llama-family chat model: [header][soft tokens][user text + generation prompt][target],
+    in the checkpoint's own chat template; the target ends with the template's end-of-turn token."""
 
     module: llama.Llama
-    tokenizer: Tokenizer
+    chat: ChatTemplate
     soft_token_position: str = "after_chat_header"  # or "start"
 
     def __post_init__(self):
         if self.soft_token_position not in ("after_chat_header", "start"):
             raise ValueError(f"config.llm.soft_token_position must be 'after_chat_header' or 'start', "
                              f"got {self.soft_token_position!r}")
-        header, _ = chat_header_and_body("")
-        object.__setattr__(self, "_header", self.tokenizer.encode(header))
-        end_of_turn = self.tokenizer.token_to_id("<|im_end|>")
-        object.__setattr__(self, "_end_of_turn", self.tokenizer.eos_id if end_of_turn is None
-                           else end_of_turn)
+        if self.chat.end_of_turn_id is None:
+            raise ValueError("the LLM's tokenizer has no end-of-turn or EOS token to end answers with")
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.chat.tokenizer
 
     @property
     def width(self) -> int:
@@ -66,20 +69,17 @@ class DecoderOnlyLM:
 
     @property
     def eos_id(self) -> int:
-        return self._end_of_turn
+        return self.chat.end_of_turn_id
 
     @property
     def insert_at(self) -> int:
-        return len(self._header) if self.soft_token_position == "after_chat_header" else 0
+        return len(self.chat.header_ids) if self.soft_token_position == "after_chat_header" else 0
 
     def embedding_table(self, params) -> jax.Array:
         return params["embed_tokens"]["embedding"]
 
     def _prompt_ids(self, text: str, max_input_tokens: int) -> list[int]:
-        _, body = chat_header_and_body("\x00")
-        user_ids = self.tokenizer.encode(text)[:max_input_tokens]
-        generation_prompt = self.tokenizer.encode(body.split("\x00", 1)[1])
-        return self._header + user_ids + generation_prompt
+        return self.chat.prompt_ids(text, max_input_tokens)
 
     def prompt_lengths(self, inputs: Sequence[str], max_input_tokens: int) -> list[int]:
         return [len(self._prompt_ids(text, max_input_tokens)) for text in inputs]
@@ -98,7 +98,7 @@ class DecoderOnlyLM:
         for i, text in enumerate(inputs):
             prompt = self._prompt_ids(text, max_input_tokens)
             answer = [] if targets is None else (
-                self.tokenizer.encode(targets[i])[:max_target_tokens] + [self._end_of_turn])
+                self.tokenizer.encode(targets[i])[:max_target_tokens] + [self.eos_id])
             rows.append((prompt + answer)[:length])
             answers.append(answer[:max(0, length - len(prompt))])
             starts.append(len(prompt) - 1)  # the slot whose logits predict the answer's first token
@@ -206,7 +206,8 @@ def _tiny_llama(dtype, soft_token_position, remat):
                                     bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id)
     params = llama.init_params(config, jax.random.key(0), dtype)
     module = llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat)
-    return DecoderOnlyLM(module, tokenizer, soft_token_position), params
+    return DecoderOnlyLM(module, ChatTemplate.from_gguf(assets.smollm2_gguf(), tokenizer),
+                         soft_token_position), params
 
 
 def _tiny_t5(dtype, soft_token_position, remat):
@@ -253,8 +254,9 @@ def load_llm(path: str, dtype=jnp.float32, soft_token_position: str = "after_cha
                                 "checkpoint directory; 'smollm2' for the embedded default)")
     if location.suffix == ".gguf":
         config, params = llama.load_llama(location, dtype, param_shardings(llama, mesh, rules))
-        return DecoderOnlyLM(llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat),
-                             Tokenizer.from_gguf(location), soft_token_position), params
+        chat = ChatTemplate.from_gguf(location, Tokenizer.from_gguf(location))
+        return DecoderOnlyLM(llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat), chat,
+                             soft_token_position), params
     from plug_jax.models.loading import read_hf_config
     model_type = read_hf_config(location).get("model_type")
     if model_type == "t5":
@@ -266,5 +268,6 @@ def load_llm(path: str, dtype=jnp.float32, soft_token_position: str = "after_cha
                                 Tokenizer.from_tokenizer_json(tokenizer_file)), params
     config, params = llama.load_llama(location, dtype, param_shardings(llama, mesh, rules))
     tokenizer = Tokenizer.from_tokenizer_json(location / "tokenizer.json")
-    return DecoderOnlyLM(llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat),
-                         tokenizer, soft_token_position), params
+    chat = ChatTemplate.from_hf_dir(location, tokenizer)
+    return DecoderOnlyLM(llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat), chat,
+                         soft_token_position), params

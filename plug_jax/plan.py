@@ -40,6 +40,7 @@ from plug_jax import llm as llm_lib
 from plug_jax import plug, sharding
 from plug_jax.data import pipeline
 from plug_jax.models import assets, bert, llama, t5
+from plug_jax.models.chat import ChatTemplate
 from plug_jax.models.loading import read_hf_config
 from plug_jax.models.tokenizer import Tokenizer
 
@@ -183,8 +184,9 @@ def abstract_llm(llm_config: ml_collections.ConfigDict) -> llm_lib.FrozenLM:
     remat = bool(llm_config.get("remat", False))
     position = llm_config.soft_token_position
     location = Path(path)
-    decoder_only = lambda config, tokenizer: llm_lib.DecoderOnlyLM(
-        llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat), tokenizer, position)
+    decoder_only = lambda config, tokenizer, checkpoint: llm_lib.DecoderOnlyLM(
+        llama.Llama(config, dtype=dtype, param_dtype=dtype, remat=remat),
+        ChatTemplate.from_checkpoint(checkpoint, tokenizer), position)
     # The T5 tokenizer only featurizes text; the loss never touches it.
     encoder_decoder = lambda config: llm_lib.EncoderDecoderLM(
         t5.T5(config, dtype=dtype, param_dtype=dtype, remat=remat), tokenizer=None)
@@ -192,19 +194,19 @@ def abstract_llm(llm_config: ml_collections.ConfigDict) -> llm_lib.FrozenLM:
         tokenizer = Tokenizer.from_gguf(assets.smollm2_gguf())
         return decoder_only(llama.LlamaConfig.tiny(
             vocab_size=tokenizer.vocab_size, eos_ids=(tokenizer.eos_id,), bos_id=tokenizer.bos_id,
-            pad_id=tokenizer.pad_id), tokenizer)
+            pad_id=tokenizer.pad_id), tokenizer, assets.smollm2_gguf())
     if path == "tiny-t5":
         tokenizer = Tokenizer.from_tokenizer_json(assets.t5_tokenizer_json())
         return encoder_decoder(t5.T5Config.tiny(vocab_size=tokenizer.vocab_size))
     if path == "smollm2" or location.suffix == ".gguf":
         gguf_path = assets.smollm2_gguf() if path == "smollm2" else location
-        return decoder_only(_gguf_llama_config(gguf_path), Tokenizer.from_gguf(gguf_path))
+        return decoder_only(_gguf_llama_config(gguf_path), Tokenizer.from_gguf(gguf_path), gguf_path)
     if location.is_dir():
         hf_config = read_hf_config(location)
         if hf_config.get("model_type") in ("t5", "mt5"):
             return encoder_decoder(t5.T5Config.from_hf(hf_config))
         return decoder_only(llama.LlamaConfig.from_hf(hf_config),
-                            Tokenizer.from_tokenizer_json(location / "tokenizer.json"))
+                            Tokenizer.from_tokenizer_json(location / "tokenizer.json"), location)
     config = _known(path, _FLAN_T5)
     if config is None:
         raise ValueError(f"config.llm.path {path!r}: not a local directory or .gguf file, nor a "
