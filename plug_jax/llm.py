@@ -21,8 +21,9 @@ import numpy as np
 
 from plug_jax import decode
 from plug_jax.models import assets, llama, t5
+from plug_jax.models.chat import ChatTemplate
 from plug_jax.models.loading import read_hf_config
-from plug_jax.models.tokenizer import Tokenizer, chat_header_and_body
+from plug_jax.models.tokenizer import Tokenizer
 
 Batch = dict[str, Any]
 Cache = dict[str, Any]
@@ -59,21 +60,23 @@ class _TargetLoss:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DecoderOnlyLM(_TargetLoss):
-    """A Llama-family chat model: [header][soft tokens][user text + generation prompt][target]."""
+    """A Llama-family chat model: [header][soft tokens][user text + generation prompt][target],
+    in the checkpoint's own chat template; the target ends with the template's end-of-turn token."""
 
     module: llama.Llama
-    tokenizer: Tokenizer
+    chat: ChatTemplate
     soft_token_position: str = "after_chat_header"  # or "start"
 
     def __post_init__(self):
         if self.soft_token_position not in ("after_chat_header", "start"):
             raise ValueError(f"config.llm.soft_token_position must be 'after_chat_header' or 'start', "
                              f"got {self.soft_token_position!r}")
-        header, _ = chat_header_and_body("")
-        object.__setattr__(self, "_header", self.tokenizer.encode(header))
-        end_of_turn = self.tokenizer.token_to_id("<|im_end|>")
-        object.__setattr__(self, "_end_of_turn", self.tokenizer.eos_id if end_of_turn is None
-                           else end_of_turn)
+        if self.chat.end_of_turn_id is None:
+            raise ValueError("the LLM's tokenizer has no end-of-turn or EOS token to end answers with")
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.chat.tokenizer
 
     @property
     def width(self) -> int:
@@ -81,11 +84,11 @@ class DecoderOnlyLM(_TargetLoss):
 
     @property
     def eos_id(self) -> int:
-        return self._end_of_turn
+        return self.chat.end_of_turn_id
 
     @property
     def insert_at(self) -> int:
-        return len(self._header) if self.soft_token_position == "after_chat_header" else 0
+        return len(self.chat.header_ids) if self.soft_token_position == "after_chat_header" else 0
 
     def embedding_table(self, params) -> jax.Array:
         return params["embed_tokens"]["embedding"]
@@ -94,10 +97,7 @@ class DecoderOnlyLM(_TargetLoss):
         return llama.param_logical_axes(self.module.config)
 
     def _prompt_ids(self, text: str, max_input_tokens: int) -> list[int]:
-        _, body = chat_header_and_body("\x00")
-        user_ids = self.tokenizer.encode(text)[:max_input_tokens]
-        generation_prompt = self.tokenizer.encode(body.split("\x00", 1)[1])
-        return self._header + user_ids + generation_prompt
+        return self.chat.prompt_ids(text, max_input_tokens)
 
     def prompt_lengths(self, inputs: Sequence[str], max_input_tokens: int) -> list[int]:
         return [len(self._prompt_ids(text, max_input_tokens)) for text in inputs]
@@ -116,7 +116,7 @@ class DecoderOnlyLM(_TargetLoss):
         for i, text in enumerate(inputs):
             prompt = self._prompt_ids(text, max_input_tokens)
             answer = [] if targets is None else (
-                self.tokenizer.encode(targets[i])[:max_target_tokens] + [self._end_of_turn])
+                self.tokenizer.encode(targets[i])[:max_target_tokens] + [self.eos_id])
             rows.append((prompt + answer)[:length])
             answers.append(answer[:max(0, length - len(prompt))])
             starts.append(len(prompt) - 1)  # the slot whose logits predict the answer's first token
@@ -264,6 +264,7 @@ class _Checkpoint:
     config: Any
     tokenizer: Tokenizer | None
     load: Callable[[Any, Any], tuple[Any, dict]] | None
+    chat: ChatTemplate | None = None  # a decoder-only LLM's prompt format
 
 
 def _random_weights(family, config):
@@ -283,7 +284,8 @@ def _find_checkpoint(path: str) -> _Checkpoint:
         tokenizer = Tokenizer.from_gguf(assets.smollm2_gguf())
         config = llama.LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, eos_ids=(tokenizer.eos_id,),
                                         bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id)
-        return _Checkpoint(llama, config, tokenizer, _random_weights(llama, config))
+        return _Checkpoint(llama, config, tokenizer, _random_weights(llama, config),
+                           ChatTemplate.from_gguf(assets.smollm2_gguf(), tokenizer))
     if path == "tiny-t5":
         tokenizer = Tokenizer.from_tokenizer_json(assets.t5_tokenizer_json())
         config = t5.T5Config.tiny(vocab_size=tokenizer.vocab_size)
@@ -291,9 +293,11 @@ def _find_checkpoint(path: str) -> _Checkpoint:
     location = assets.smollm2_gguf() if path == "smollm2" else Path(path)
     if location.suffix == ".gguf" and location.is_file():
         from plug_jax.models import gguf  # only GGUF users need the gguf package
+        tokenizer = Tokenizer.from_gguf(location)
         return _Checkpoint(llama, llama.LlamaConfig.from_hf(gguf.read_gguf_config(location)),
-                           Tokenizer.from_gguf(location),
-                           lambda dtype, shardings: llama.load_llama(location, dtype, shardings))
+                           tokenizer,
+                           lambda dtype, shardings: llama.load_llama(location, dtype, shardings),
+                           ChatTemplate.from_gguf(location, tokenizer))
     if location.is_dir():
         hf_config = read_hf_config(location)
         if hf_config.get("model_type") == "t5":
@@ -303,9 +307,10 @@ def _find_checkpoint(path: str) -> _Checkpoint:
             return _Checkpoint(t5, t5.T5Config.from_hf(hf_config), tokenizer,
                                lambda dtype, shardings: t5.load_t5(location, dtype,
                                                                    shardings=shardings))
-        return _Checkpoint(llama, llama.LlamaConfig.from_hf(hf_config),
-                           Tokenizer.from_tokenizer_json(location / "tokenizer.json"),
-                           lambda dtype, shardings: llama.load_llama(location, dtype, shardings))
+        tokenizer = Tokenizer.from_tokenizer_json(location / "tokenizer.json")
+        return _Checkpoint(llama, llama.LlamaConfig.from_hf(hf_config), tokenizer,
+                           lambda dtype, shardings: llama.load_llama(location, dtype, shardings),
+                           ChatTemplate.from_hf_dir(location, tokenizer))
     named = t5.NAMED_CONFIGS.get(path.rstrip("/").rsplit("/", 1)[-1].lower())
     if named is not None:  # the weights are not here: plan with the shapes alone
         return _Checkpoint(t5, named, None, None)
@@ -315,13 +320,13 @@ def _find_checkpoint(path: str) -> _Checkpoint:
         f"{', '.join(t5.NAMED_CONFIGS)})")
 
 
-def _adapter(family, config, tokenizer, llm_config: ml_collections.ConfigDict) -> FrozenLM:
+def _adapter(checkpoint: _Checkpoint, config, llm_config: ml_collections.ConfigDict) -> FrozenLM:
     dtype = DTYPES[llm_config.dtype]
-    module_class = llama.Llama if family is llama else t5.T5
+    module_class = llama.Llama if checkpoint.family is llama else t5.T5
     module = module_class(config, dtype=dtype, param_dtype=dtype, remat=bool(llm_config.remat))
-    if family is llama:
-        return DecoderOnlyLM(module, tokenizer, llm_config.soft_token_position)
-    return EncoderDecoderLM(module, tokenizer)
+    if checkpoint.family is llama:
+        return DecoderOnlyLM(module, checkpoint.chat, llm_config.soft_token_position)
+    return EncoderDecoderLM(module, checkpoint.tokenizer)
 
 
 def build_llm(llm_config: ml_collections.ConfigDict, *, abstract: bool = False, mesh=None,
@@ -331,7 +336,7 @@ def build_llm(llm_config: ml_collections.ConfigDict, *, abstract: bool = False, 
     checkpoint = _find_checkpoint(llm_config.path)
     dtype = DTYPES[llm_config.dtype]
     if abstract:
-        return (_adapter(checkpoint.family, checkpoint.config, checkpoint.tokenizer, llm_config),
+        return (_adapter(checkpoint, checkpoint.config, llm_config),
                 checkpoint.family.abstract_params(checkpoint.config, dtype))
     if checkpoint.load is None:
         raise FileNotFoundError(f"config.llm.path: {llm_config.path} names a model whose weights "
@@ -341,7 +346,7 @@ def build_llm(llm_config: ml_collections.ConfigDict, *, abstract: bool = False, 
         shardings = lambda config: nn.logical_to_mesh_sharding(
             checkpoint.family.param_logical_axes(config), mesh, [tuple(rule) for rule in rules])
     config, params = checkpoint.load(dtype, shardings)
-    return _adapter(checkpoint.family, config, checkpoint.tokenizer, llm_config), params
+    return _adapter(checkpoint, config, llm_config), params
 
 
 def load_llm(path: str, dtype: str = "float32", soft_token_position: str = "after_chat_header",

@@ -14,7 +14,8 @@ import pytest
 from plug_jax import llm
 from plug_jax.models import assets, llama
 from plug_jax.models.loading import CheckpointError
-from plug_jax.models.tokenizer import Tokenizer, chat_header_and_body, chat_prompt
+from plug_jax.models.chat import ChatTemplate
+from plug_jax.models.tokenizer import Tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -192,11 +193,16 @@ def smollm2_tokenizer(smollm2_path):
 
 
 @pytest.fixture(scope="module")
+def smollm2_chat(smollm2_path, smollm2_tokenizer):
+    return ChatTemplate.from_gguf(smollm2_path, smollm2_tokenizer)
+
+
+@pytest.fixture(scope="module")
 def hf_smollm2_tokenizer(smollm2_path):
     return transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
 
 
-def test_smollm2_logits_match_transformers(smollm2_path, smollm2, smollm2_tokenizer):
+def test_smollm2_logits_match_transformers(smollm2_path, smollm2, smollm2_chat):
     config, params = smollm2
     hf_model = transformers.LlamaForCausalLM.from_pretrained(
             str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32,
@@ -204,7 +210,7 @@ def test_smollm2_logits_match_transformers(smollm2_path, smollm2, smollm2_tokeni
     assert (config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (30, 9, 3, 64)
     assert config.tie_word_embeddings and config.rope_theta == hf_model.config.rope_parameters["rope_theta"]
 
-    ids, _ = smollm2_tokenizer.encode_chat(QUESTION)
+    ids = smollm2_chat.prompt_ids(QUESTION)
     tokens = np.array([ids, ids[:20] + [config.pad_id] * (len(ids) - 20)], np.int32)
     mask = np.arange(len(ids))[None, :] < np.array([[len(ids)], [20]])
     ours, _ = jax.jit(llama.Llama(config).apply)({"params": params}, tokens, mask)
@@ -218,11 +224,11 @@ def test_smollm2_logits_match_transformers(smollm2_path, smollm2, smollm2_tokeni
     assert difference <= 1e-3
 
 
-def test_smollm2_greedy_answers_paris(smollm2, smollm2_tokenizer):
+def test_smollm2_greedy_answers_paris(smollm2, smollm2_tokenizer, smollm2_chat):
     config, params = smollm2
     # Two prompts of different lengths: the shorter one is right-padded and must continue from its
     # own last token.
-    prompts = [smollm2_tokenizer.encode_chat(question)[0] for question in (QUESTION, "Capital of Japan?")]
+    prompts = [smollm2_chat.prompt_ids(question) for question in (QUESTION, "Capital of Japan?")]
     width = max(map(len, prompts))
     tokens = np.array([p + [config.pad_id] * (width - len(p)) for p in prompts], np.int32)
     mask = np.array([[True] * len(p) + [False] * (width - len(p)) for p in prompts])
@@ -235,9 +241,9 @@ def test_smollm2_greedy_answers_paris(smollm2, smollm2_tokenizer):
     assert "Paris" in answers[0] and "Tokyo" in answers[1]
 
 
-def test_smollm2_bfloat16_agrees_with_float32(smollm2, smollm2_tokenizer):
+def test_smollm2_bfloat16_agrees_with_float32(smollm2, smollm2_chat):
     config, params = smollm2
-    ids, _ = smollm2_tokenizer.encode_chat(QUESTION)
+    ids = smollm2_chat.prompt_ids(QUESTION)
     tokens, mask = np.array([ids], np.int32), np.ones((1, len(ids)), bool)
     full, _ = jax.jit(llama.Llama(config).apply)({"params": params}, tokens, mask)
     params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
@@ -258,8 +264,10 @@ TEXTS = [
         "Numbers 2024, 3.14159 and x86_64; tabs\tand\nnewlines\n\nend.",
         "I'm sure they'll've done it, ain't they?",
         "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
-        chat_prompt(QUESTION),
-        chat_prompt("Résumé en français, s'il vous plaît: 日本", system="Be brief."),
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nRésumé en français, s'il vous plaît: "
+        "日本<|im_end|>\n<|im_start|>assistant\n",
 ]
 
 
@@ -276,21 +284,6 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(smollm2_tokenizer, hf_smo
     # step, which only matters for whitespace runs right before a digit.
     spaces = smollm2_tokenizer.token_to_id("ĠĠ")
     assert smollm2_tokenizer.encode("  1") == [spaces, smollm2_tokenizer.token_to_id("1")]
-
-
-def test_chat_prompt_matches_gguf_chat_template(smollm2_tokenizer, hf_smollm2_tokenizer):
-    for system in (None, "You answer in one word."):
-        messages = ([] if system is None else [{"role": "system", "content": system}])
-        messages.append({"role": "user", "content": QUESTION})
-        rendered = hf_smollm2_tokenizer.apply_chat_template(messages, tokenize=False,
-                                                            add_generation_prompt=True)
-        assert chat_prompt(QUESTION, system=system) == rendered
-        ids, header_length = smollm2_tokenizer.encode_chat(QUESTION, system=system)
-        assert ids == smollm2_tokenizer.encode(rendered)
-        header, _ = chat_header_and_body(QUESTION, system=system)
-        assert header_length == len(smollm2_tokenizer.encode(header))
-        assert smollm2_tokenizer.decode(ids[header_length:], skip_special=True).startswith(QUESTION)
-    print(f"default ChatML header: {smollm2_tokenizer.encode_chat(QUESTION)[1]} tokens")
 
 
 # ---------------------------------------------------------------------------------------------

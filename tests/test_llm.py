@@ -1,5 +1,6 @@
 """The frozen-LLM adapters: where soft tokens go, what the loss covers, and that they steer."""
 
+import dataclasses
 import functools
 
 import jax
@@ -52,10 +53,10 @@ def test_soft_tokens_go_after_the_chat_header():
                                               length=48)["tokens"][0][:lm.insert_at],
                                  skip_special=False)
     assert header.endswith("<|im_start|>user\n")
-    start = llm_lib.DecoderOnlyLM(lm.module, lm.tokenizer, "start")
+    start = dataclasses.replace(lm, soft_token_position="start")
     assert start.insert_at == 0
     with pytest.raises(ValueError, match="soft_token_position"):
-        llm_lib.DecoderOnlyLM(lm.module, lm.tokenizer, "middle")
+        dataclasses.replace(lm, soft_token_position="middle")
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
@@ -90,7 +91,7 @@ def test_smollm2_soft_token_after_the_header_steers_but_not_at_position_zero(smo
     start_vector = lm.embedding_table(params)[jnp.array(lm.tokenizer.encode(" "))][None]
     losses = {}
     for position in ("after_chat_header", "start"):
-        placed = llm_lib.DecoderOnlyLM(lm.module, lm.tokenizer, position)
+        placed = dataclasses.replace(lm, soft_token_position=position)
         batch = _arrays(placed.featurize([REVIEW], ["5"], max_input_tokens=96, max_target_tokens=2,
                                          length=96))
         optimizer = optax.adam(0.05)

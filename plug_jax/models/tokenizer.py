@@ -2,8 +2,7 @@
 
 `Tokenizer.from_gguf` rebuilds a byte-level BPE (GPT-2 style, as SmolLM2 was trained) from a GGUF
 file's vocabulary, merges and token types; `Tokenizer.from_tokenizer_json` wraps a tokenizer.json
-(BERT WordPiece, T5 Unigram). `chat_header_and_body` renders SmolLM2's ChatML prompt, split where
-PPlug's soft tokens go.
+(BERT WordPiece, T5 Unigram). Chat prompts come from the checkpoint's template (`chat.ChatTemplate`).
 """
 
 from __future__ import annotations
@@ -21,10 +20,6 @@ _CONTROL, _USER_DEFINED = 3, 4
 # Pre-tokenizer families (GGUF "tokenizer.ggml.pre") that isolate every digit before the GPT-2 split,
 # as their original tokenizer.json does (llama.cpp's tokenizer treats them the same way).
 _DIGIT_SPLITTING_PRE = ("smollm", "starcoder", "refact", "codeshell")
-
-# SmolLM2's ChatML template adds this system turn when the conversation has none.
-SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-
 
 class Tokenizer:
     """Text <-> ids with the special ids other code needs; padding and truncation are left to callers."""
@@ -116,28 +111,3 @@ class Tokenizer:
                     single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
         pad_id = gguf.metadata(reader, "tokenizer.ggml.padding_token_id", eos_id)
         return cls(tokenizer, pad_id=pad_id, eos_id=eos_id, bos_id=bos_id)
-
-    def encode_chat(self, user_text: str, system: str | None = None) -> tuple[list[int], int]:
-        """(ids of the ChatML prompt, number of header ids before the user text) -- the latter is
-        `insert_at` for soft tokens. Header and body are encoded apart, so the split is exact."""
-        header, body = chat_header_and_body(user_text, system)
-        header_ids = self.encode(header)
-        return header_ids + self.encode(body), len(header_ids)
-
-
-def chat_header_and_body(user_text: str, system: str | None = None) -> tuple[str, str]:
-    """SmolLM2's ChatML prompt for one user turn, split before the user text.
-
-    header: "<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n";
-    body: "{user_text}<|im_end|>\\n<|im_start|>assistant\\n" (the generation prompt).
-    """
-    system = SMOLLM2_DEFAULT_SYSTEM if system is None else system
-    header = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
-    body = f"{user_text}<|im_end|>\n<|im_start|>assistant\n"
-    return header, body
-
-
-def chat_prompt(user_text: str, system: str | None = None) -> str:
-    """The whole ChatML prompt, as tokenizer.apply_chat_template(..., add_generation_prompt=True)."""
-    header, body = chat_header_and_body(user_text, system)
-    return header + body
