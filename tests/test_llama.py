@@ -232,7 +232,7 @@ def test_smollm2_greedy_answers_paris(smollm2, smollm2_tokenizer, smollm2_chat):
     width = max(map(len, prompts))
     tokens = np.array([p + [config.pad_id] * (width - len(p)) for p in prompts], np.int32)
     mask = np.array([[True] * len(p) + [False] * (width - len(p)) for p in prompts])
-    lm = llm.DecoderOnlyLM(llama.Llama(config), smollm2_tokenizer)
+    lm = llm.DecoderOnlyLM(llama.Llama(config), smollm2_chat)
     assert lm.eos_id == config.eos_id
     greedy = jax.jit(functools.partial(lm.generate, method="greedy", max_new_tokens=16))
     generated = greedy(params, None, {"tokens": tokens, "mask": mask})
