@@ -163,6 +163,9 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
     divide; the LLM's shardings come from config.axis_rules explicitly.
     """
     data = config.data
+    if config.plug.get("dropout") or config.llm.get("dropout"):
+        print("note: config.plug.dropout / config.llm.dropout are recorded but not applied yet: "
+              "the LLM and the encoder run without dropout")
     if splits is None:
         splits = (data.train_split,) + tuple(data.eval_splits)
     examples = {} if abstract else load_splits(config, workdir, splits)
@@ -175,11 +178,13 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
             llm, llm_params = llm_lib.build_llm(config.llm, abstract=abstract, mesh=mesh,
                                                 rules=config.axis_rules)
             # The soft tokens' scale is a value, not a shape: any will do for an abstract build.
-            rms = 1.0 if abstract else plug.embedding_rms(llm.embedding_table(llm_params))
+            soft_token = plug.soft_token_fields(
+                config.plug, None if abstract else llm.embedding_table(llm_params))
             embedder = plug.UserEmbedder(
-                encoder_config=encoder_config, llm_width=llm.width, soft_token_rms=rms,
+                encoder_config=encoder_config, llm_width=llm.width, **soft_token,
                 projector_hidden=config.plug.projector_hidden,
-                train_query_encoder=config.plug.train_query_encoder)
+                train_query_encoder=config.plug.train_query_encoder,
+                param_init=config.plug.get("param_init", "default"))
     return Experiment(config=config, task=lamp.get_task(data.task), splits=examples, llm=llm,
                       llm_params=llm_params, encoder_config=encoder_config,
                       encoder_params=encoder_params,
