@@ -4,9 +4,14 @@ Two settings:
   (no arg)  the embedded default: SmolLM2-135M-Instruct (GGUF) + all-MiniLM-L6-v2 + synthetic LaMP
             data of the task, sized to finish on a 2-core CPU in minutes, fully offline.
   tiny      small random LLM and encoder with the real tokenizers: a smoke test in seconds.
-  paper     the paper's setting: Flan-T5-XXL + bge-base-en-v1.5 (CLS), a real LaMP directory, AdamW
-            lr 1e-4, weight decay 1e-4, 5% warmup, batch 64, 2 epochs (LaMP-3: 1), LLM input <= 256
-            tokens, history <= 512 items, beam 4, max new tokens 128 (LaMP-3: 10).
+  paper     the reference recipe, rucliujn/PPlug (code/run_all_t5.sh, main_profile.py,
+            ModelForPer.py, PersonalDataset_profile.py, aggr_id.py): Flan-T5-XXL + bge-base-en-v1.5
+            (CLS), a real (time-based) LaMP directory, AdamW lr 1e-4, weight decay 1e-4 off biases
+            and LayerNorms, warmup ceil(5%), linear decay, no clipping, batch 64, 2 epochs (LaMP-3:
+            1), LLM input <= 256 tokens, query <= 276 tokens cut from the truncated input (LaMP-1:
+            the title), history <= 512 items, 10 augmented copies dropping 1..ceil(n/2) of all
+            items, soft tokens x539.97 (instruction /7), beam 4, max new/target tokens 128
+            (LaMP-3: 10). Dropout 0.1 is recorded, not yet applied.
 Single fields override from the command line: --config.optim.lr=3e-4 --config.data.dir=PATH.
 """
 
@@ -70,6 +75,9 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         augment_copies=0,          # extra copies of each training example with history dropped
         history_labels=False,      # history texts start with their label (LaMP-2 tag, LaMP-3 score)
         retrieval_k=4,             # history items BM25 writes into the prompt (methods *bm25*)
+        augment_from="recent",     # their drop pool: 'recent' (max_history) | 'all' (reference)
+        query_from="input",        # query cut from the 'input' | 'truncated_input' (reference)
+        lamp1_query="title_and_refs",  # LaMP-1's query: 'title_and_refs' | 'title' (reference)
         cache_dir="",              # history-embedding cache; empty: <workdir>/cache
         max_eval_examples=0,       # 0: all
     )
@@ -78,6 +86,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         dtype="float32",           # compute / storage dtype of the frozen LLM
         soft_token_position="after_chat_header",  # or 'start' (a decoder-only LLM ignores it there)
         remat=False,               # recompute each layer in the backward pass: less memory, more FLOPs
+        dropout=0.0,               # recorded only: the LLM runs without dropout for now
     )
     config.encoder = dict(
         path="minilm",             # 'minilm' (embedded) or an HF directory (bge-base-en-v1.5, ...)
@@ -85,8 +94,15 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         query_instruction="",
         max_length=128,
     )
-    config.plug = dict(projector_hidden=0, train_query_encoder=True,
-                       persona_tokens=1)   # soft tokens the persona takes
+    config.plug = dict(
+        projector_hidden=0,
+        train_query_encoder=True,
+        soft_token_scale="rms",    # 'rms' (ours) | 'reference': x N, instruction x N / 7, learnable
+        soft_token_norm=0.0,       # N; 0: the LLM's mean token-embedding norm (T5-XXL: ~539.97)
+        param_init="default",      # 'default' | 'torch' (reference: nn.Linear kernels, torch.rand)
+        dropout=0.0,               # query encoder's; recorded only (the projectors have none)
+        persona_tokens=1,          # soft tokens the persona takes
+    )
     config.optim = dict(
         lr=2e-3,                   # projectors + instruction vector
         encoder_lr=5e-5,           # the trainable query encoder
@@ -97,6 +113,8 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         epochs=2.0,
         max_steps=60,              # 0: run the epochs
         grad_clip=1.0,
+        weight_decay_mask="all",   # 'all' | 'no_bias_norm' (Hugging Face Trainer, the reference)
+        warmup_rounding="floor",   # warmup steps: 'floor' | 'ceil' (Hugging Face Trainer)
     )
     # method: 'greedy', 'beam', or 'score' (classification tasks: the most likely label)
     config.decode = dict(method="greedy", num_beams=4,
@@ -120,19 +138,25 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         config.data.dir = f"data/{task}"
         config.data.max_history = 512
         config.data.max_input_tokens = 256
-        config.data.max_target_tokens = 128
-        config.data.max_query_tokens = 512
+        config.data.max_target_tokens = 10 if task == "LaMP_3" else 128  # = max_new_len
+        config.data.max_query_tokens = 256 + 20  # max_input_len + 20
         config.data.augment_copies = 10
+        config.data.update(augment_from="all", query_from="truncated_input", lamp1_query="title")
         config.llm.path = "google/flan-t5-xxl"  # a local HF directory
         config.llm.dtype = "bfloat16"
         config.llm.soft_token_position = "start"
         config.llm.remat = True
+        config.llm.dropout = 0.1  # T5 dropout_rate, in train mode
         config.encoder.path = "BAAI/bge-base-en-v1.5"  # a local HF directory
         config.encoder.pooling = "cls"
-        config.encoder.query_instruction = "Represent this sentence for searching relevant passages: "
+        config.encoder.query_instruction = "Represent this sentence for searching relevant passages:"
         config.encoder.max_length = 512
+        config.plug.update(soft_token_scale="reference", soft_token_norm=0.0, param_init="torch",
+                           dropout=0.1)  # bge-base hidden and attention dropout, in train mode
         config.optim.update(lr=1e-4, encoder_lr=1e-4, weight_decay=1e-4, warmup_fraction=0.05,
-                            batch_size=64, epochs=1.0 if task == "LaMP_3" else 2.0, max_steps=0)
+                            batch_size=64, epochs=1.0 if task == "LaMP_3" else 2.0, max_steps=0,
+                            grad_clip=0.0, weight_decay_mask="no_bias_norm",
+                            warmup_rounding="ceil")
         config.decode.update(method="beam", num_beams=4,
                              max_new_tokens=10 if task == "LaMP_3" else 128, eval_batch_size=64)
         config.mesh = dict(data=1, fsdp=-1, tensor=1)

@@ -422,6 +422,9 @@ def embedder_fields(embedder: plug.UserEmbedder) -> dict:
     return {"encoder_config": dataclasses.asdict(embedder.encoder_config),
             "llm_width": int(embedder.llm_width),
             "soft_token_rms": float(embedder.soft_token_rms),
+            "soft_token_scale": embedder.soft_token_scale,
+            "soft_token_norm": float(embedder.soft_token_norm),
+            "param_init": embedder.param_init,
             "projector_hidden": int(embedder.projector_hidden),
             "dtype": jnp.dtype(embedder.dtype).name}
 
@@ -464,6 +467,9 @@ def user_embedder_from_config(plug_config: Mapping[str, Any]) -> plug.UserEmbedd
     return plug.UserEmbedder(encoder_config=bert.BertConfig(**fields["encoder_config"]),
                              llm_width=int(fields["llm_width"]),
                              soft_token_rms=float(fields["soft_token_rms"]),
+                             soft_token_scale=fields.get("soft_token_scale", "rms"),
+                             soft_token_norm=float(fields.get("soft_token_norm", 0.0)),
+                             param_init=fields.get("param_init", "default"),
                              projector_hidden=int(fields["projector_hidden"]),
                              dtype=jnp.dtype(fields.get("dtype", "float32")))
 

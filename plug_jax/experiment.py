@@ -187,6 +187,9 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
     divide; the LLM's shardings come from config.axis_rules explicitly.
     """
     data = config.data
+    if config.plug.get("dropout") or config.llm.get("dropout"):
+        print("note: config.plug.dropout / config.llm.dropout are recorded but not applied yet: "
+              "the LLM and the encoder run without dropout")
     if splits is None:
         splits = (data.train_split,) + tuple(data.eval_splits)
     examples = {} if abstract else load_splits(config, workdir, splits)
@@ -198,14 +201,15 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
         if with_llm:
             llm, llm_params = llm_lib.build_llm(config.llm, abstract=abstract, mesh=mesh,
                                                 rules=config.axis_rules)
-            # The soft tokens' scale is a value, not a shape: any will do for an abstract build.
-            rms = 1.0 if abstract else plug.embedding_rms(llm.embedding_table(llm_params))
             method = methods.get(config.method)
+            soft_token = plug.soft_token_fields(
+                config.plug, None if abstract else llm.embedding_table(llm_params))
             embedder = plug.UserEmbedder(
-                encoder_config=encoder_config, llm_width=llm.width, soft_token_rms=rms,
+                encoder_config=encoder_config, llm_width=llm.width, **soft_token,
                 projector_hidden=config.plug.projector_hidden,
                 train_query_encoder=config.plug.train_query_encoder,
-                persona_tokens=config.plug.persona_tokens if method.plug == "persona" else 0)
+                persona_tokens=config.plug.persona_tokens if method.plug == "persona" else 0,
+                param_init=config.plug.param_init)
     return Experiment(config=config, task=lamp.get_task(data.task), splits=examples, llm=llm,
                       llm_params=llm_params, encoder_config=encoder_config,
                       encoder_params=encoder_params,

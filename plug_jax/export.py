@@ -34,8 +34,9 @@ def plug_config_from_run_config(config: ml_collections.ConfigDict) -> dict:
     encoder_config, _, _ = experiment_lib.load_encoder(config.encoder)
     embedder = plug.UserEmbedder(
         encoder_config=encoder_config, llm_width=llm.width,
-        soft_token_rms=plug.embedding_rms(llm.embedding_table(llm_params)),
-        projector_hidden=config.plug.projector_hidden)
+        **plug.soft_token_fields(config.plug, llm.embedding_table(llm_params)),
+        projector_hidden=config.plug.projector_hidden,
+        param_init=config.plug.get("param_init", "default"))
     return checkpoint.make_plug_config(embedder, config, llm_family=checkpoint.llm_family(llm))
 
 

@@ -5,10 +5,14 @@ For one input x of user u with history h_1..h_n (oldest first):
   w_i    = softmax_i(q . E_hist(h_i))                 over the most recent `max_history` items
   P_u    = sum_i w_i * MLP_persona(E_hist(h_i))       persona embedding, LLM width
   I      = MLP_instruction(v)                         trained instruction vector, LLM width
-and [I, P_u] enter the LLM as soft tokens, each rescaled to the RMS of the LLM's token embeddings
-(derived from the embedding table, where the reference hard-codes T5-XXL's constants). With
-`persona_tokens` k > 1, MLP_persona's output is k tokens wide; with `persona_tokens` 0 the plug is
-the instruction token alone (the paper's ablation, no history read).
+and [I, P_u] enter the LLM as soft tokens, scaled by `soft_token_scale`:
+  "rms"        each rescaled to the RMS of the LLM's token embeddings (ours: a fixed magnitude);
+  "reference"  P_u * N and I * N / 7 (rucliujn/PPlug ModelForPer.py), N = soft_token_norm, so the
+               magnitude stays learnable. The reference hard-codes N = 539.9738 for Flan-T5-XXL,
+               about the mean L2 norm of its token embeddings (RMS ~8.44 x sqrt(4096)); we take N
+               from the LLM's table (`embedding_norm`) unless the config pins it.
+With `persona_tokens` k > 1, MLP_persona's output is k tokens wide; a plug without persona tokens
+is the instruction token alone (the paper's ablation, `config.method` "instruction").
 E_hist is frozen and precomputed (plug_jax.embed); only this module's parameters train.
 """
 
@@ -24,6 +28,21 @@ from plug_jax.models import bert
 from plug_jax.models.layers import constrain, dense
 
 NUM_SOFT_TOKENS = 2  # [instruction, persona] by default
+REFERENCE_INSTRUCTION_DIVISOR = 7.0  # rucliujn/PPlug: inst_embs / 7.0 * 539.9738
+SOFT_TOKEN_SCALES = ("rms", "reference")
+INITS = ("default", "torch")
+
+
+def torch_linear_init(key, shape, dtype=jnp.float32):
+    """torch.nn.Linear's default kernel init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")(key, shape, dtype)
+
+
+def torch_bias_init(fan_in: int):
+    """torch.nn.Linear's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = fan_in ** -0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                      bound)
 
 
 class ProjectorMLP(nn.Module):
@@ -32,13 +51,20 @@ class ProjectorMLP(nn.Module):
     hidden: int
     out: int
     dtype: Any = jnp.float32
+    param_init: str = "default"  # "torch": nn.Linear's init
 
     @nn.compact
     def __call__(self, x):
+        def init(fan_in):
+            if self.param_init == "torch":
+                return dict(kernel_init=torch_linear_init, bias_init=torch_bias_init(fan_in))
+            return {}
+
         x = dense(self.hidden, ("encoder_embed", "mlp"), use_bias=True, dtype=self.dtype,
-                  name="fc1")(x)
+                  name="fc1", **init(x.shape[-1]))(x)
         x = nn.gelu(x, approximate=False)
-        return dense(self.out, ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="fc2")(x)
+        return dense(self.out, ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="fc2",
+                     **init(self.hidden))(x)
 
 
 def aggregation_weights(query: jax.Array, history: jax.Array, history_mask: jax.Array):
@@ -71,22 +97,31 @@ class UserEmbedder(nn.Module):
     train_query_encoder: bool = True  # the paper trains it; frozen, it needs no backward pass
     persona_tokens: int = 1  # 0: the instruction token alone
     dtype: Any = jnp.float32
+    soft_token_scale: str = "rms"  # or "reference" (see the module docstring)
+    soft_token_norm: float = 0.0   # N of the "reference" scale
+    param_init: str = "default"  # "torch": the reference's (nn.Linear kernels, torch.rand vector)
 
     @property
     def num_soft_tokens(self) -> int:
         return 1 + self.persona_tokens
 
     def setup(self):
+        if self.soft_token_scale not in SOFT_TOKEN_SCALES or self.param_init not in INITS:
+            raise ValueError(f"soft_token_scale {self.soft_token_scale!r}, param_init "
+                             f"{self.param_init!r}: expected one of {SOFT_TOKEN_SCALES}, {INITS}")
         hidden = self.projector_hidden or self.llm_width
         if self.persona_tokens:
             self.query_encoder = bert.Bert(self.encoder_config, dtype=self.dtype)
             self.persona_projector = ProjectorMLP(hidden, self.llm_width * self.persona_tokens,
-                                                  dtype=self.dtype)
-        self.instruction_projector = ProjectorMLP(hidden, self.llm_width, dtype=self.dtype)
+                                                  dtype=self.dtype, param_init=self.param_init)
+        self.instruction_projector = ProjectorMLP(hidden, self.llm_width, dtype=self.dtype,
+                                                  param_init=self.param_init)
         width = self.encoder_config.hidden_size
+        instruction_init = (nn.initializers.uniform(1.0) if self.param_init == "torch"
+                            else nn.initializers.normal(1.0))
         self.instruction = self.param(
-            "instruction", nn.with_logical_partitioning(nn.initializers.normal(1.0),
-                                                        ("encoder_embed",)), (width,))
+            "instruction", nn.with_logical_partitioning(instruction_init, ("encoder_embed",)),
+            (width,))
 
     def encode_query(self, query_tokens, query_mask):
         hidden = self.query_encoder(query_tokens, query_mask)
@@ -105,8 +140,13 @@ class UserEmbedder(nn.Module):
                                  self.persona_projector(history.astype(self.dtype)))
             persona = persona.reshape(batch, self.persona_tokens, self.llm_width)
             soft = jnp.concatenate([soft, persona.astype(soft.dtype)], axis=1)
-        soft = constrain(rms_scale(soft.astype(jnp.float32), self.soft_token_rms),
-                         ("batch", "length", "embed"))
+        soft = soft.astype(jnp.float32)
+        if self.soft_token_scale == "reference":
+            divisors = jnp.ones(soft.shape[1]).at[0].set(REFERENCE_INSTRUCTION_DIVISOR)
+            soft = soft / divisors[:, None] * self.soft_token_norm
+        else:
+            soft = rms_scale(soft, self.soft_token_rms)
+        soft = constrain(soft, ("batch", "length", "embed"))
         return (soft, weights) if return_weights else soft
 
 
@@ -114,3 +154,22 @@ def embedding_rms(embedding_table: jax.Array) -> float:
     """RMS of the LLM's token embeddings: the scale soft tokens should live at."""
     table = jnp.asarray(embedding_table, jnp.float32)
     return float(jnp.sqrt(jnp.mean(jnp.square(table))))
+
+
+def embedding_norm(embedding_table: jax.Array) -> float:
+    """Mean L2 norm of the LLM's token embeddings: N of the "reference" soft-token scale."""
+    table = jnp.asarray(embedding_table, jnp.float32)
+    return float(jnp.mean(jnp.linalg.norm(table, axis=-1)))
+
+
+def soft_token_fields(plug_config, embedding_table: jax.Array | None) -> dict:
+    """The UserEmbedder's soft-token fields from config.plug; None table: placeholders (shapes
+    only, for an abstract build)."""
+    scale = plug_config.get("soft_token_scale", "rms")
+    norm = float(plug_config.get("soft_token_norm", 0.0))
+    if embedding_table is None:
+        return dict(soft_token_rms=1.0, soft_token_scale=scale, soft_token_norm=norm or 1.0)
+    if scale == "reference" and not norm:
+        norm = embedding_norm(embedding_table)
+    return dict(soft_token_rms=embedding_rms(embedding_table), soft_token_scale=scale,
+                soft_token_norm=norm)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,7 +40,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
     frozen: then it has no optimizer state)."""
 
     def schedule(peak):
-        warmup = max(1, int(optim.warmup_fraction * total_steps))
+        round_warmup = math.ceil if optim.get("warmup_rounding", "floor") == "ceil" else int
+        warmup = max(1, round_warmup(optim.warmup_fraction * total_steps))
         return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
                                      optax.linear_schedule(peak, 0.0, max(1, total_steps - warmup))],
                                     [warmup])
@@ -48,11 +50,20 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
         return {name: jax.tree.map(lambda _: ENCODER_GROUP if name == "query_encoder" else HEAD_GROUP,
                                    subtree) for name, subtree in params.items()}
 
+    # "no_bias_norm": Hugging Face Trainer's rule (the reference's): biases and LayerNorm scales
+    # are not decayed.
+    decay_mask = None if optim.get("weight_decay_mask", "all") == "all" else (
+        lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: getattr(path[-1], "key", None) not in ("bias", "scale"), params))
+
+    def adamw(peak):
+        return optax.adamw(schedule(peak), weight_decay=optim.weight_decay, mask=decay_mask)
+
     return optax.chain(
         optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip else optax.identity(),
         optax.multi_transform({
-            HEAD_GROUP: optax.adamw(schedule(optim.lr), weight_decay=optim.weight_decay),
-            ENCODER_GROUP: (optax.adamw(schedule(optim.encoder_lr), weight_decay=optim.weight_decay)
+            HEAD_GROUP: adamw(optim.lr),
+            ENCODER_GROUP: (adamw(optim.encoder_lr)
                             if train_query_encoder else optax.set_to_zero()),
         }, group))
 
@@ -168,8 +179,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
         max(exp.llm.prompt_lengths([e.input for e in train_examples],
                                    config.data.max_input_tokens)),
         config.data.max_target_tokens, with_targets=True))
+    augment_from = config.data.get("augment_from", "recent")
     num_train = grain_pipeline.num_train_examples(train_examples, config.data.augment_copies,
-                                                  config.data.max_history)
+                                                  config.data.max_history, augment_from)
     steps = total_steps(config, num_train)
     rows = sharding.process_rows(sharding.batch_sharding(mesh, rules, 1), config.optim.batch_size)
     cli.echo(f"{num_train} training examples, {steps} steps of batch {config.optim.batch_size}; "
@@ -203,7 +215,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
         dataset = grain_pipeline.make_train_dataset(
             train_examples, seed=config.seed, batch_size=config.optim.batch_size,
             featurize=examples_array, augment_copies=config.data.augment_copies,
-            max_history=config.data.max_history, shard_index=0, shard_count=1)
+            max_history=config.data.max_history, augment_from=augment_from, shard_index=0,
+            shard_count=1)
         featurize = make_featurize(exp, llm_length)
         batches = iter(dataset)
         start = 0

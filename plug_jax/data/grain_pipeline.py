@@ -53,22 +53,38 @@ def shard_options(shard_index: int | None = None,
 # Augmentation.
 
 
+AUGMENT_FROM = ("recent", "all")
+
+
 def augmented_copy(example: lamp.Example, *, seed: int, index: int, copy: int,
-                   max_history: int | None = None) -> lamp.Example | None:
+                   max_history: int | None = None,
+                   augment_from: str = "recent") -> lamp.Example | None:
     """Copy number `copy` (1, 2, ...) of the source's example `index` (the reference augmentation).
 
-    The history (its most recent `max_history` items, the ones the model sees) loses 1 to 50% of
-    its items at random, order kept; dates, labels and items follow. Examples with at most 2 items get
-    no copies: None. The draw depends only on (seed, index, copy).
+    augment_from="recent" (ours): the most recent `max_history` items (the ones the model sees)
+    lose 1..n//2 of them, uniformly. "all" (rucliujn/PPlug aggr_id.py): the whole history of n
+    items loses int(n * U[0, 0.5)) + 1, i.e. 1..ceil(n/2); the reference then keeps the last
+    `max_history` of its randomly ordered survivors, i.e. a random `max_history` of them.
+    Survivors keep their order; dates, labels and items follow. Examples with at most 2 items
+    (in the pool drawn from) get no copies: None. The draw depends only on (seed, index, copy).
     """
-    history = example.history if max_history is None else example.history[-max_history:]
+    if augment_from not in AUGMENT_FROM:
+        raise ValueError(f"augment_from {augment_from!r}: expected one of {AUGMENT_FROM}")
+    from_all = augment_from == "all" or max_history is None
+    history = example.history if from_all else example.history[-max_history:]
     size = len(history)
     if size <= 2:
         return None
     rng = np.random.default_rng([seed, index, copy])
-    drop_count = rng.integers(1, max(1, size // 2) + 1)
-    keep = np.ones(size, bool)
-    keep[rng.choice(size, drop_count, replace=False)] = False
+    keep = np.zeros(size, bool)
+    if augment_from == "all":
+        drop_count = int(size * rng.uniform(0.0, 0.5)) + 1
+        survivors = rng.permutation(size)[:size - drop_count]
+        keep[survivors[-max_history:] if max_history else survivors] = True
+    else:
+        drop_count = rng.integers(1, max(1, size // 2) + 1)
+        keep[:] = True
+        keep[rng.choice(size, drop_count, replace=False)] = False
 
     def kept(items: tuple | None) -> tuple | None:
         return None if items is None else tuple(
@@ -85,9 +101,10 @@ class _AugmentedDataset(grain.MapDataset):
     which grain skips when iterating."""
 
     def __init__(self, parent: grain.MapDataset, *, copies: int, seed: int,
-                 max_history: int | None):
+                 max_history: int | None, augment_from: str = "recent"):
         super().__init__(parent)
         self._copies, self._seed, self._max_history = copies, seed, max_history
+        self._augment_from = augment_from
 
     def __len__(self) -> int:
         return len(self._parent) * (self._copies + 1)
@@ -101,7 +118,7 @@ class _AugmentedDataset(grain.MapDataset):
         if copy == 0:
             return source_index, example
         augmented = augmented_copy(example, seed=self._seed, index=source_index, copy=copy,
-                                   max_history=self._max_history)
+                                   max_history=self._max_history, augment_from=self._augment_from)
         return None if augmented is None else (source_index, augmented)
 
     def __str__(self) -> str:
@@ -109,12 +126,12 @@ class _AugmentedDataset(grain.MapDataset):
 
 
 def num_train_examples(source: Sequence[lamp.Example], augment_copies: int,
-                       max_history: int | None = None) -> int:
+                       max_history: int | None = None, augment_from: str = "recent") -> int:
     """Examples in one augmented epoch (all processes); reads every example once."""
     if augment_copies <= 0:
         return len(source)
-    eligible = sum(len(e.history if max_history is None else e.history[-max_history:]) > 2
-                   for e in source)
+    pool = None if augment_from == "all" else max_history
+    eligible = sum(len(e.history if pool is None else e.history[-pool:]) > 2 for e in source)
     return len(source) + augment_copies * eligible
 
 
@@ -191,7 +208,8 @@ def make_train_dataset(source: Sequence[lamp.Example], *, seed: int, batch_size:
                        featurize: Featurize, augment_copies: int = 0,
                        bucket_lengths: Sequence[int] | None = None,
                        bucket_keys: Sequence[str] = BUCKET_KEYS,
-                       max_history: int | None = None, num_epochs: int | None = None,
+                       max_history: int | None = None, augment_from: str = "recent",
+                       num_epochs: int | None = None,
                        shard_index: int | None = None, shard_count: int | None = None,
                        ) -> grain.IterDataset:
     """Training batches: this process's share, augmented, reshuffled every epoch.
@@ -208,6 +226,7 @@ def make_train_dataset(source: Sequence[lamp.Example], *, seed: int, batch_size:
         keeps featurize's lengths.
       bucket_keys: the arrays to pad; those featurize does not return are skipped.
       max_history: the history items the model sees (the most recent); None: all.
+      augment_from: "recent" or "all", the pool the augmentation drops from (`augmented_copy`).
       num_epochs: passes over the data; None repeats forever.
       shard_index, shard_count: this process's share, examples shard_index::shard_count; None:
         `jax.process_index()` of `jax.process_count()`.
@@ -216,7 +235,7 @@ def make_train_dataset(source: Sequence[lamp.Example], *, seed: int, batch_size:
     examples = grain.MapDataset.source(source).map_with_index(_with_index)
     examples = examples[shard_index::shard_count]  # before augmenting: read only this share
     examples = _AugmentedDataset(examples, copies=augment_copies, seed=seed,
-                                 max_history=max_history)
+                                 max_history=max_history, augment_from=augment_from)
     examples = examples.shuffle(seed).repeat(num_epochs)
     batcher = _Batcher(featurize, batch_size, bucket_lengths, bucket_keys)
     # to_iter_dataset skips the Nones: augmented copies of examples with <= 2 history items.

@@ -138,6 +138,39 @@ def _lamp1_query(text: str) -> str:
     return f"{parts['title']} [1]: {parts['ref1']} [2]: {parts['ref2']}"
 
 
+_REFERENCE_QUERY_MARKERS = {"LaMP_2": "description: ", "LaMP_3": "review: ", "LaMP_4": "article: ",
+                            "LaMP_5": "paper: ", "LaMP_7": "before or after it: "}
+
+
+def reference_query(task: str | Task, text: str, lamp1_query: str = "title") -> str:
+    """The query as rucliujn/PPlug's process_qry cuts it, from a possibly truncated input.
+
+    LaMP_1 with lamp1_query="title": the text between 'title "' and the next '",' (the paper
+    title alone); "title_and_refs": our `Task.query_from_input`, falling back to the title cut
+    when truncation broke the template. Other tasks: all text after the template's marker. A
+    missing marker (truncated away) leaves the whole text rather than the reference's
+    off-by-(-1) slice.
+    """
+    name = get_task(task).name
+    if name == "LaMP_1":
+        if lamp1_query == "title_and_refs":
+            try:
+                return get_task(task).query_from_input(text)
+            except ValueError:
+                pass
+        elif lamp1_query != "title":
+            raise ValueError(f"lamp1_query {lamp1_query!r}: expected 'title' or 'title_and_refs'")
+        start = text.find('title "')
+        if start < 0:
+            return text
+        start += len('title "')
+        end = text.find('",', start)
+        return text[start:] if end < 0 else text[start:end]
+    marker = _REFERENCE_QUERY_MARKERS[name]
+    start = text.find(marker)
+    return text if start < 0 else text[start + len(marker):]
+
+
 def _text_after(marker: str, task_name: str) -> Callable[[str], str]:
     """The query is all text after the template's first `marker`, as PPlug extracts it."""
 

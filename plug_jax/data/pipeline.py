@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from plug_jax.data import lamp
 from plug_jax.data.lamp import Example
 from plug_jax.data.history import HistoryTable
 from plug_jax.models import bert
@@ -19,6 +20,29 @@ from plug_jax.models import bert
 
 def round_up(value: int, multiple: int = 8) -> int:
     return max(multiple, -(-value // multiple) * multiple)
+
+
+def query_text(example: Example, llm, data_config) -> str:
+    """What the query encoder reads, by config.data.query_from and config.data.lamp1_query.
+
+    query_from="input" (ours): the example's query, cut from the whole input. "truncated_input"
+    (rucliujn/PPlug): cut from the input as the LLM reads it, its first max_input_tokens - 1
+    tokens decoded back to text. lamp1_query: "title_and_refs" (ours: the title and both
+    references) or "title" (the reference: the paper title alone).
+    """
+    lamp1_query = data_config.get("lamp1_query", "title_and_refs")
+    query_from = data_config.get("query_from", "input")
+    if query_from == "input":
+        if lamp1_query == "title" and data_config.task.replace("-", "_") == "LaMP_1":
+            return lamp.reference_query("LaMP_1", example.input, "title")
+        return example.query
+    if query_from != "truncated_input":
+        raise ValueError(f"query_from {query_from!r}: expected 'input' or 'truncated_input'")
+    text = example.input
+    ids = llm.tokenizer.encode(text)
+    if len(ids) > data_config.max_input_tokens - 1:
+        text = llm.tokenizer.decode(ids[:data_config.max_input_tokens - 1])
+    return lamp.reference_query(data_config.task, text, lamp1_query)
 
 
 def featurize(examples: Sequence[Example], llm, query_tokenizer, table: HistoryTable, *,
@@ -33,7 +57,7 @@ def featurize(examples: Sequence[Example], llm, query_tokenizer, table: HistoryT
                                                   with_targets))
     features = llm.featurize(inputs, targets, max_input_tokens=data_config.max_input_tokens,
                              max_target_tokens=data_config.max_target_tokens, length=llm_length)
-    queries = [query_instruction + e.query for e in examples]
+    queries = [query_instruction + query_text(e, llm, data_config) for e in examples]
     features["query_tokens"], features["query_mask"] = bert.encode_batch(
         query_tokenizer, queries, data_config.max_query_tokens,
         length=data_config.max_query_tokens)

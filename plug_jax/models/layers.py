@@ -37,11 +37,12 @@ class RMSNorm(nn.Module):
 
 def dense(features: int, axes: tuple[str, str], *, name: str | None = None, use_bias: bool = False,
           dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-          kernel_init: Any = nn.initializers.normal(0.02)) -> nn.Dense:
+          kernel_init: Any = nn.initializers.normal(0.02),
+          bias_init: Any = nn.initializers.zeros) -> nn.Dense:
     """An nn.Dense whose kernel (and bias) carry logical axis names."""
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
                     kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+                    bias_init=nn.with_logical_partitioning(bias_init, axes[1:]))
 
 
 def mask_to_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
