@@ -21,6 +21,7 @@ from ml_collections import config_flags
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/lampN.py file; ':tiny' for a smoke test, ':paper' for the paper.")
 WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory: checkpoints, caches, metrics.")
+OUT = flags.DEFINE_string("out", None, "Where a command writes its result (a directory or file).")
 COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None,
                                           "host:port of process 0 (multi-host runs).")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,7 +22,7 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from plug_jax import baselines as baselines_lib, checkpoint, cli, decode, metrics, sharding
+from plug_jax import baselines as baselines_lib, cli, decode, export, metrics, sharding
 from plug_jax.data import lamp, pipeline
 
 PPLUG = "pplug"
@@ -227,8 +228,11 @@ def main(argv: Sequence[str]) -> None:
     splits = tuple(SPLIT.value) if SPLIT.value else tuple(config.data.eval_splits)
     mesh = sharding.make_mesh(config.mesh)
     experiment = experiment_lib.build(config, workdir, splits=splits, mesh=mesh)
-    plug_params = checkpoint.load_plug(Path(workdir) / "plug",
-                                       experiment.init_plug_params(jax.random.key(0), mesh))
+    try:
+        _, plug_params = export.load_plug(Path(workdir) / "plug", experiment.plug_shardings(mesh))
+    except (FileNotFoundError, export.PlugFormatError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in config.axis_rules]):
         results = evaluate(experiment, plug_params, splits, workdir, method=config.method,
                            write=jax.process_index() == 0)

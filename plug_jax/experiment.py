@@ -178,7 +178,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
           progress: bool = True, mesh=None) -> Experiment:
     """Everything a command needs, from the config.
 
-    abstract: shapes only (no weights, no data, no workdir). with_llm=False leaves the LLM out
+    abstract: shapes only (no weights, no data, no workdir); splits=() reads no data either.
+    with_llm=False leaves the LLM out
     (`plug_jax.embed` needs only data and encoder; then `llm`, `llm_params` and `embedder` are
     None). With a mesh, the frozen LLM is loaded straight into its shardings.
 
@@ -192,11 +193,12 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
               "the LLM and the encoder run without dropout")
     if splits is None:
         splits = (data.train_split,) + tuple(data.eval_splits)
-    examples = {} if abstract else load_splits(config, workdir, splits)
+    with_data = not abstract and bool(splits)
+    examples = load_splits(config, workdir, splits) if with_data else {}
     with sharding.without_activation_constraints():
         encoder_config, encoder_params, encoder_dir = load_encoder(config.encoder, abstract)
-        table = None if abstract else history_table(config, workdir, examples, encoder_config,
-                                                    encoder_params, encoder_dir, progress)
+        table = history_table(config, workdir, examples, encoder_config, encoder_params,
+                              encoder_dir, progress) if with_data else None
         llm = llm_params = embedder = None
         if with_llm:
             llm, llm_params = llm_lib.build_llm(config.llm, abstract=abstract, mesh=mesh,

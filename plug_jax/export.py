@@ -1,56 +1,229 @@
-"""Exports the plug of a training checkpoint alone: its params and the config to rebuild it.
+"""The trained plug alone: its description, its export and the one loader of an export.
 
   python -m plug_jax.export --workdir /tmp/pplug_lamp3 --out /tmp/lamp3_plug [--step N]
 
-Reads the latest (or the given) checkpoint in <workdir>/checkpoints, keeps only the plug's params
-(no optimizer state, no PRNG key, no LLM) and writes <out>/params plus <out>/plug_config.json;
-`plug_jax.checkpoint.load_exported_plug(out)` loads it back without the training run.
-The plug's description comes from <workdir>/checkpoints/plug_config.json when training wrote one,
-else from <workdir>/config.json (which loads the LLM once, to measure its embedding RMS).
+An export is <out>/params (the plug's params, unboxed, gathered to host; no optimizer state, no
+LLM) and <out>/plug_config.json: the UserEmbedder's fields, enough to rebuild the module without
+the training run, and the run's settings needed to feed it. `load_plug(out)` reads it back.
+
+The command reads the latest (or the given) checkpoint of a training run. The plug's description
+comes from <workdir>/checkpoints/plug_config.json, which training writes, else from
+<workdir>/config.json (which loads the LLM once, to measure its embedding RMS).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib.metadata
 import json
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags, logging
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import flags
+from jax.experimental import multihost_utils
 
-from plug_jax import checkpoint, plug
+from plug_jax import checkpoint, cli, plug
+from plug_jax.models import bert
+from plug_jax.models.layers import unboxed
+
+PLUG_CONFIG_FILE = "plug_config.json"
+PARAMS_DIR = "params"  # under an exported plug's directory
+# 2: parameter paths without the `Dense_0` level, and every UserEmbedder field described.
+FORMAT = "plug_jax.plug/2"
+
+
+class PlugFormatError(ValueError):
+    """A plug_config.json of a format this code does not read."""
+
+
+# ----------------------------------------------------------------------- the plug's description
+
+@functools.cache
+def plug_jax_version() -> str:
+    try:
+        return importlib.metadata.version("plug_jax")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout: read setup.cfg
+        setup_cfg = Path(__file__).resolve().parents[1] / "setup.cfg"
+        found = re.search(r"^version\s*=\s*(\S+)", setup_cfg.read_text() if setup_cfg.exists()
+                          else "", re.MULTILINE)
+        return found.group(1) if found else "unknown"
+
+
+def _module_fields(module: Any) -> dict:
+    return {field.name: getattr(module, field.name) for field in dataclasses.fields(module)
+            if field.init and field.name not in ("parent", "name")}
+
+
+def embedder_fields(embedder: plug.UserEmbedder) -> dict:
+    """Every constructor argument of the UserEmbedder, as JSON."""
+    fields = _module_fields(embedder)
+    fields["encoder_config"] = dataclasses.asdict(fields["encoder_config"])
+    fields["dtype"] = jnp.dtype(fields["dtype"]).name
+    return {name: value.item() if isinstance(value, np.generic) else value
+            for name, value in fields.items()}
+
+
+def user_embedder_from_config(plug_config: Mapping[str, Any]) -> plug.UserEmbedder:
+    fields = dict(plug_config["embedder"])
+    fields["encoder_config"] = bert.BertConfig(**fields["encoder_config"])
+    fields["dtype"] = jnp.dtype(fields["dtype"])
+    return plug.UserEmbedder(**fields)
+
+
+def make_plug_config(embedder: plug.UserEmbedder, config: ml_collections.ConfigDict, *,
+                     llm_family: str, step: int | None = None) -> dict:
+    """Everything needed to rebuild the plug and feed it: module fields + the run's settings."""
+    return {
+        "format": FORMAT,
+        "plug_jax_version": plug_jax_version(),
+        "step": None if step is None else int(step),
+        "task": config.data.task,
+        "embedder": embedder_fields(embedder),
+        "llm": {"path": config.llm.path, "family": llm_family, "dtype": config.llm.dtype,
+                "soft_token_position": config.llm.soft_token_position},
+        # The resolved pooling (config.encoder.pooling may be '' = from the checkpoint).
+        "encoder": {"path": config.encoder.path, "pooling": embedder.encoder_config.pooling,
+                    "max_length": int(config.encoder.max_length),
+                    "query_instruction": config.encoder.query_instruction},
+        "data": {"max_history": int(config.data.max_history),
+                 "max_query_tokens": int(config.data.max_query_tokens),
+                 "max_input_tokens": int(config.data.max_input_tokens),
+                 "max_target_tokens": int(config.data.max_target_tokens)},
+    }
+
+
+def llm_family(llm: Any) -> str:
+    """'llama' or 't5': the module family of a FrozenLM."""
+    return type(llm.module).__name__.lower()
+
+
+def plug_config_for(experiment: Any, step: int | None = None) -> dict:
+    """`make_plug_config` of a built plug_jax.experiment.Experiment."""
+    return make_plug_config(experiment.embedder, experiment.config,
+                            llm_family=llm_family(experiment.llm), step=step)
 
 
 def plug_config_from_run_config(config: ml_collections.ConfigDict) -> dict:
-    """The plug's description rebuilt from a run's config: loads the LLM and the encoder."""
-    from plug_jax import experiment as experiment_lib, llm as llm_lib
+    """The plug's description rebuilt from a run's config: builds the run's LLM and encoder (no
+    data)."""
+    from plug_jax import experiment as experiment_lib
 
-    llm, llm_params = llm_lib.load_llm(config.llm.path, jnp.dtype(config.llm.dtype),
-                                       config.llm.soft_token_position)
-    encoder_config, _, _ = experiment_lib.load_encoder(config.encoder)
-    embedder = plug.UserEmbedder(
-        encoder_config=encoder_config, llm_width=llm.width,
-        **plug.soft_token_fields(config.plug, llm.embedding_table(llm_params)),
-        projector_hidden=config.plug.projector_hidden,
-        param_init=config.plug.get("param_init", "default"))
-    return checkpoint.make_plug_config(embedder, config, llm_family=checkpoint.llm_family(llm))
+    exp = experiment_lib.build(config, splits=())
+    return plug_config_for(exp)
 
 
-def read_plug_config(workdir: Path) -> dict:
-    plug_config = checkpoint.read_plug_config(workdir)
-    if plug_config is not None:
-        path = workdir / checkpoint.CHECKPOINT_DIR / checkpoint.PLUG_CONFIG_FILE
+def read_plug_config(path: str | Path) -> dict:
+    """A plug_config.json of this format; PlugFormatError for any other."""
+    plug_config = json.loads(Path(path).read_text())
+    found = plug_config.get("format")
+    if found != FORMAT:
+        raise PlugFormatError(f"{path}: plug format {found!r}, expected {FORMAT!r}")
+    return plug_config
+
+
+def _write_json(path: Path, value: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(dict(value), indent=2, sort_keys=True) + "\n")
+
+
+def write_run_plug_config(workdir: str | Path, plug_config: Mapping[str, Any]) -> None:
+    """The description of a run's plug, next to its training checkpoints (process 0 writes)."""
+    if jax.process_index() == 0:
+        directory = Path(workdir) / checkpoint.CHECKPOINT_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_json(directory / PLUG_CONFIG_FILE, plug_config)
+
+
+def abstract_plug_params(embedder: plug.UserEmbedder) -> Any:
+    """ShapeDtypeStructs of the embedder's params (no FLOPs; history length is irrelevant)."""
+    width = embedder.encoder_config.hidden_size
+    boxed = jax.eval_shape(embedder.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
+                           jnp.ones((1, 4), bool), jnp.zeros((1, 1, width)), jnp.ones((1, 1), bool))
+    return unboxed(boxed["params"])
+
+
+# ------------------------------------------------------------------------------ export and load
+
+def _host_tree(tree: Any) -> Any:
+    """Every array as one numpy array on this host (sharded ones gathered from all processes)."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
+
+
+def export_plug(out: str | Path, params: Any, plug_config: Mapping[str, Any]) -> Path:
+    """Writes <out>/params (the plug's params, unboxed, on host) and <out>/plug_config.json.
+
+    All processes must call it (sharded params are gathered); the config is written last, so a
+    directory with one holds a complete export.
+    """
+    out = Path(out).absolute()
+    params = _host_tree(unboxed(params))
+    plug_config = dict(plug_config, format=FORMAT,
+                       num_params=int(sum(x.size for x in jax.tree.leaves(params))))
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / PLUG_CONFIG_FILE
+    if jax.process_index() == 0 and config_path.exists():
+        config_path.unlink()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out / PARAMS_DIR, params, force=True)
+    if jax.process_index() == 0:
+        _write_json(config_path, plug_config)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("plug_jax.export_plug")
+    return out
+
+
+def load_plug(path: str | Path, shardings: Any = None) -> tuple[dict, Any]:
+    """(plug_config, params) of an export; params unboxed, on the default device or placed as
+    `shardings` says (one sharding, or a tree of them matching the params)."""
+    path = Path(path).absolute()
+    config_path = path / PLUG_CONFIG_FILE
+    if not config_path.exists():
+        raise FileNotFoundError(f"{path}: not an exported plug (no {PLUG_CONFIG_FILE}; train "
+                                f"first, or python -m plug_jax.export --workdir RUN --out {path})")
+    plug_config = read_plug_config(config_path)
+    abstract = abstract_plug_params(user_embedder_from_config(plug_config))
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, abstract)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, shardings)
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(path / PARAMS_DIR, abstract)
+    return plug_config, params
+
+
+def size_bytes(path: str | Path) -> int:
+    """Bytes on disk under `path` (an export, or any checkpoint directory)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# ------------------------------------------------------------------------------------- command
+
+def run_plug_config(workdir: Path) -> dict:
+    """The description training wrote next to the checkpoints, else rebuilt from config.json."""
+    path = workdir / checkpoint.CHECKPOINT_DIR / PLUG_CONFIG_FILE
+    if path.exists():
         print(f"plug description: {path}")
-        return plug_config
+        return read_plug_config(path)
     config_path = workdir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{workdir}: neither {checkpoint.CHECKPOINT_DIR}/"
-                                f"{checkpoint.PLUG_CONFIG_FILE} nor config.json "
-                                "(not a training run?)")
+                                f"{PLUG_CONFIG_FILE} nor config.json (not a training run?)")
     print(f"plug description: rebuilt from {config_path} (loading the LLM for its width and "
           f"embedding RMS)")
     config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
@@ -60,39 +233,35 @@ def read_plug_config(workdir: Path) -> dict:
 def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
     """Writes the plug of `workdir`'s latest (or `step`'s) checkpoint to `out`; returns `out`."""
     workdir, started = Path(workdir), time.time()
+    checkpoints = workdir / checkpoint.CHECKPOINT_DIR
     steps = checkpoint.checkpoint_steps(workdir)
     if not steps:
-        raise FileNotFoundError(f"{workdir / checkpoint.CHECKPOINT_DIR}: no training checkpoint")
-    print(f"checkpoints in {workdir / checkpoint.CHECKPOINT_DIR}: steps {steps}")
+        raise FileNotFoundError(f"{checkpoints}: no training checkpoint")
+    print(f"checkpoints in {checkpoints}: steps {steps}")
     if step is not None and step not in steps:
-        raise FileNotFoundError(f"{workdir / checkpoint.CHECKPOINT_DIR}: no checkpoint of step "
-                                f"{step} (have {steps})")
-    plug_config = read_plug_config(workdir)
-    abstract = checkpoint.abstract_plug_params(checkpoint.user_embedder_from_config(plug_config))
+        raise FileNotFoundError(f"{checkpoints}: no checkpoint of step {step} (have {steps})")
+    plug_config = run_plug_config(workdir)
+    abstract = abstract_plug_params(user_embedder_from_config(plug_config))
     params, step = checkpoint.restore_params(workdir, abstract, step)  # numpy, on this host
     print(f"read the plug params of step {step}")
-    plug_config = dict(plug_config, step=step)
-    path = checkpoint.export_plug(out, params, plug_config)
-    size_mb = checkpoint.export_size_bytes(path) / 1e6
+    path = export_plug(out, params, dict(plug_config, step=step))
     num_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"exported the plug of step {step} ({num_params / 1e6:.2f}M params, {size_mb:.2f} MB) "
-          f"to {path} in {time.time() - started:.0f} s")
+    print(f"exported the plug of step {step} ({num_params / 1e6:.2f}M params, "
+          f"{size_bytes(path) / 1e6:.2f} MB) to {path} in {time.time() - started:.0f} s")
     return path
+
+
+STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export; default the latest.")
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines drown the progress
     try:
-        export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)
-    except FileNotFoundError as error:
-        sys.exit(f"error: {error}")
+        export(cli.WORKDIR.value, cli.OUT.value, STEP.value)
+    except (FileNotFoundError, PlugFormatError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", None, "The training run's directory (with checkpoints/).")
-    flags.DEFINE_string("out", None, "Directory to write the exported plug to.")
-    flags.DEFINE_integer("step", None, "Checkpoint step to export; default the latest.")
-    flags.mark_flags_as_required(["workdir", "out"])
-    app.run(main)
+    cli.run(main, "workdir", "out")

@@ -27,7 +27,7 @@ import optax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from plug_jax import checkpoint, cli, evaluate, methods, sharding
+from plug_jax import checkpoint, cli, evaluate, export, methods, preemption, sharding
 from plug_jax import experiment as experiment_lib
 from plug_jax.data import grain_pipeline, pipeline
 
@@ -205,10 +205,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
               f"{sum(x.size for x in jax.tree.leaves(exp.llm_params)) / 1e6:.1f}M)")
 
         # ------------------------------------------------------------ resume
-        rng = jax.random.key(config.seed)
-        plug_config = checkpoint.plug_config_for(exp)
-        checkpointer = checkpoint.TrainCheckpointer.from_config(workdir, config,
-                                                                plug_config=plug_config)
+        export.write_run_plug_config(workdir, export.plug_config_for(exp))
+        checkpointer = checkpoint.TrainCheckpointer.from_config(workdir, config)
         # Every process walks the same global batches, so the data are the same whatever the
         # number of processes, and featurizes only the rows its devices hold (all of them where
         # the batch axes do not span the processes).
@@ -220,10 +218,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
         featurize = make_featurize(exp, llm_length)
         batches = iter(dataset)
         start = 0
-        restored = checkpointer.restore_latest(checkpoint.abstract_of(state),
-                                               checkpoint.abstract_of(rng))
+        restored = checkpointer.restore_latest(checkpoint.abstract_of(state))
         if restored is not None:
-            state, rng, data_state, start = restored
+            state, data_state, start = restored
             batches.set_state(data_state)
             cli.echo(f"resumed from the checkpoint of step {start} in {workdir / 'checkpoints'}")
 
@@ -239,7 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
         # ------------------------------------------------------------ training loop
         writer = SummaryWriter(str(workdir / "tensorboard")) if is_main else None
         losses = []
-        with checkpoint.PreemptionGuard() as guard, \
+        with preemption.PreemptionGuard() as guard, \
                 tqdm(total=steps, initial=start, desc="training", unit="step",
                      disable=not is_main) as bar:
             for step in range(start + 1, steps + 1):
@@ -263,8 +260,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
                                 ex_per_s=f"{config.optim.batch_size / seconds:.1f}")
                 bar.update(1)
                 stop = guard.should_stop(step)
-                checkpointer.save(step, state, rng=rng, data_state=data_state,
-                                  force=stop or step == steps)
+                checkpointer.save(step, state, data_state=data_state, force=stop or step == steps)
                 if stop:
                     checkpointer.close()
                     cli.echo(f"stopped by a signal at step {step}: checkpoint saved; rerun the same "
@@ -278,8 +274,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
         # ------------------------------------------------------------ export + evaluate
         plug_path = workdir / "plug"
         # Every process: the export gathers params sharded over processes (a collective).
-        checkpoint.export_plug(plug_path, state["params"],
-                               checkpoint.plug_config_for(exp, step=steps))
+        export.export_plug(plug_path, state["params"], export.plug_config_for(exp, step=steps))
         results = evaluate.evaluate(exp, state["params"], tuple(config.data.eval_splits), workdir,
                                     method=config.method, baselines=baselines, write=is_main)
         if writer:

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 
-from plug_jax import checkpoint
+from plug_jax import checkpoint, export
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -243,8 +243,8 @@ def test_a_killed_run_resumes_to_the_plug_of_an_uninterrupted_one(reference, env
     print(f"killed at step 4 with checkpoints {saved} on disk: resumed from step {start}")
     assert start == max(saved)
     assert _losses(workdir) == _losses(reference)  # every step, exactly
-    reference_config, reference_plug = checkpoint.load_exported_plug(reference / "plug")
-    config, plug = checkpoint.load_exported_plug(workdir / "plug")
+    reference_config, reference_plug = export.load_plug(reference / "plug")
+    config, plug = export.load_plug(workdir / "plug")
     assert config == reference_config
     assert _tree_equal(plug, reference_plug)
 
@@ -317,7 +317,7 @@ def test_two_processes_give_the_losses_of_one(runs, reference, name):
     print(f"2 processes x 4 devices, mesh {name}: max relative loss difference {difference:.2e}")
     assert difference < LOSS_RTOL
     # Both processes took part in the export, which gathers the plug sharded over them.
-    plug_config, _ = checkpoint.load_exported_plug(workdir / "plug")
+    plug_config, _ = export.load_plug(workdir / "plug")
     assert plug_config["step"] == STEPS
     # ... and in the evaluation; process 0 wrote the metrics.
     assert all("pplug             dev" in output for output in outputs)

@@ -152,10 +152,14 @@ def test_the_plug_learns_who_the_user_is(tmp_path):
 
 
 def test_the_exported_plug_reproduces_the_run_metrics(tiny_run, tmp_path):
-    from plug_jax import checkpoint, evaluate
+    from plug_jax import evaluate, export
 
     workdir, result = tiny_run
     exp = result.experiment
-    plug_params = checkpoint.load_plug(workdir / "plug", exp.init_plug_params(jax.random.key(9)))
+    plug_config, plug_params = export.load_plug(workdir / "plug")
+    assert export.user_embedder_from_config(plug_config) == exp.embedder
+    shardings = exp.plug_shardings(exp.mesh)  # as the evaluate command places them
+    _, placed = export.load_plug(workdir / "plug", shardings)
+    assert jax.tree.map(lambda x: x.sharding, placed) == shardings
     again = evaluate.evaluate(exp, plug_params, ("dev",), tmp_path, baselines=())
     assert again["pplug"]["dev"] == result.metrics["pplug"]["dev"]
