@@ -130,7 +130,7 @@ def test_reference_soft_token_scale_multiplies_by_constants():
     # Not renormalized: the magnitude follows the projectors, so it is learnable.
     rms = lambda x: float(jnp.sqrt(jnp.mean(jnp.square(x))))
     doubled = jax.tree.map(lambda x: x, params)
-    fc2 = doubled["params"]["persona_projector"]["fc2"]["Dense_0"]
+    fc2 = doubled["params"]["persona_projector"]["fc2"]
     fc2["kernel"], fc2["bias"] = fc2["kernel"] * 2, fc2["bias"] * 2
     assert rms(reference.apply(doubled, *inputs)[:, 1]) == pytest.approx(2 * rms(soft[:, 1]),
                                                                           rel=1e-5)
@@ -156,9 +156,11 @@ def test_torch_init_matches_the_reference_inits():
     params = nn.unbox(_embedder(param_init="torch").init(jax.random.key(0), *_inputs()))["params"]
     instruction = np.asarray(params["instruction"])
     assert instruction.min() >= 0.0 and instruction.max() < 1.0  # torch.rand
-    kernel = np.asarray(params["persona_projector"]["fc1"]["Dense_0"]["kernel"])
+    kernel = np.asarray(params["persona_projector"]["fc1"]["kernel"])
     bound = 1 / math.sqrt(ENCODER.hidden_size)
     assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.8 * bound
+    bias = np.asarray(params["persona_projector"]["fc1"]["bias"])  # nn.Linear: U(-bound, bound)
+    assert np.abs(bias).max() <= bound and bias.min() < 0 < bias.max()
 
 
 # --------------------------------------------------------------------------------------------
