@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 import re
 import statistics
@@ -29,6 +30,8 @@ from bm25s.stopwords import STOPWORDS_EN
 from plug_jax.data.lamp import Example, Task, get_task, lamp1_parts
 
 METHODS = ("majority", "profile")
+
+logging.getLogger("bm25s").setLevel(logging.WARNING)  # a DEBUG line per index otherwise
 
 # The profile field that holds what the user wrote as output: a past headline, title or tweet.
 OUTPUT_FIELD = {"LaMP_4": "title", "LaMP_5": "title", "LaMP_7": "text"}

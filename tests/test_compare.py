@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import lamp3
-from plug_jax import compare, methods, metrics
+from plug_jax import compare, experiment, methods, metrics
 from plug_jax.data import lamp
 
 SEEDS = 2
@@ -27,7 +27,8 @@ def compared(tmp_path_factory):
 
 def test_every_method_writes_lamp_predictions_scored_as_in_the_table(compared):
     workdir, config, table = compared
-    golds = [e.target for e in lamp.load_split(config.data.dir, "dev", "LaMP_3")][:EVAL_EXAMPLES]
+    data = experiment.data_dir(config, workdir)  # compare wrote the synthetic data there
+    golds = [e.target for e in lamp.load_split(data, "dev", "LaMP_3")][:EVAL_EXAMPLES]
     assert set(table) == set(methods.METHODS)
     for name, method in methods.METHODS.items():
         seeds = SEEDS if method.trains else 1
