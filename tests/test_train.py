@@ -133,6 +133,7 @@ def test_the_plug_learns_who_the_user_is(tmp_path):
     config = lamp2.get_config("tiny")
     config.encoder.path = "minilm"  # real sentence embeddings: users' histories must differ
     config.plug.train_query_encoder = False
+    config.data.history_labels = True  # each history text starts with its tag
     config.data.synthetic.update(num_users=48, examples_per_user=4)
     config.optim.update(max_steps=100, epochs=30.0, batch_size=8, lr=3e-3)
     result = train.run(config, tmp_path)
