@@ -47,9 +47,9 @@ def _generate(llm_params, plug_params, batch, *, experiment, decode_config):
                                    num_beams=decode_config.num_beams)
 
 
-def _example_nll(llm_params, plug_params, batch, *, experiment):
-    return experiment.llm.example_nll(llm_params, _soft_tokens(experiment, plug_params, batch),
-                                      batch)[0]
+def _label_nll(llm_params, plug_params, batch, labels, label_mask, *, experiment):
+    return experiment.llm.label_nll(llm_params, _soft_tokens(experiment, plug_params, batch),
+                                    batch, labels, label_mask)
 
 
 def _replicated_outputs(experiment) -> dict:
@@ -66,8 +66,8 @@ def make_generate_fn(experiment):
                    **_replicated_outputs(experiment))
 
 
-def make_nll_fn(experiment):
-    return jax.jit(functools.partial(_example_nll, experiment=experiment),
+def make_label_nll_fn(experiment):
+    return jax.jit(functools.partial(_label_nll, experiment=experiment),
                    **_replicated_outputs(experiment))
 
 
@@ -96,33 +96,30 @@ def predict(generate_fn, experiment, plug_params, examples: Sequence[lamp.Exampl
     return outputs
 
 
-def label_nll(nll_fn, experiment, plug_params, examples: Sequence[lamp.Example],
+def label_nll(label_nll_fn, experiment, plug_params, examples: Sequence[lamp.Example],
               labels: Sequence[str], *, desc: str = "scoring") -> np.ndarray:
     """[examples, labels] negative log-likelihood of each label as the whole answer (with its
-    end-of-turn), one forward pass per label."""
+    end-of-turn): each prompt runs once, then every label goes through its cache."""
     size = experiment.config.decode.eval_batch_size
-    scores = np.zeros((len(examples), len(labels)))
-    with tqdm(total=len(examples) * len(labels), desc=desc, unit="ex", leave=False) as bar:
-        for column, label in enumerate(labels):
-            features = _featurize(experiment, examples, [label] * len(examples))
-            row = 0
-            for batch in pipeline.batches(features, experiment.table, size):
-                real = batch["example_mask"]
-                nll = np.asarray(nll_fn(experiment.llm_params, plug_params, batch))[real]
-                scores[row:row + len(nll), column] = nll
-                row += len(nll)
-                bar.update(int(real.sum()))
-    return scores
+    label_ids, label_mask = experiment.llm.label_ids(labels)
+    scores = []
+    with tqdm(total=len(examples), desc=desc, unit="ex", leave=False) as bar:
+        for batch in pipeline.batches(_featurize(experiment, examples), experiment.table, size):
+            real = batch["example_mask"]
+            scores.append(np.asarray(label_nll_fn(experiment.llm_params, plug_params, batch,
+                                                  label_ids, label_mask))[real])
+            bar.update(int(real.sum()))
+    return np.concatenate(scores) if scores else np.zeros((0, len(labels)))
 
 
 def answer(experiment, plug_params, examples: Sequence[lamp.Example], *, desc: str,
-           generate_fn=None, nll_fn=None) -> list[str]:
+           generate_fn=None, label_nll_fn=None) -> list[str]:
     """The LLM's answers (personalized when there are plug params), as config.decode says:
     generated, or for a task with a label set and method 'score', its most likely label."""
     labels = experiment.task.labels
     if experiment.config.decode.method == "score" and labels:
-        nll = label_nll(nll_fn or make_nll_fn(experiment), experiment, plug_params, examples,
-                        labels, desc=desc)
+        nll = label_nll(label_nll_fn or make_label_nll_fn(experiment), experiment, plug_params,
+                        examples, labels, desc=desc)
         return [labels[i] for i in np.argmin(nll, axis=1)]
     return predict(generate_fn or make_generate_fn(experiment), experiment, plug_params,
                    examples, desc=desc)
@@ -173,7 +170,7 @@ def evaluate(experiment, plug_params, splits: Sequence[str], workdir: str | Path
     under `method`, and each of `baselines` on the same questions; every method's predictions
     are written in LaMP's outputs format (predictions_{method}_{split}.json)."""
     config, task = experiment.config, experiment.task
-    generate_fn, nll_fn = make_generate_fn(experiment), make_nll_fn(experiment)
+    generate_fn, label_nll_fn = make_generate_fn(experiment), make_label_nll_fn(experiment)
     train_targets = [e.target for e in experiment.splits.get(config.data.train_split, [])]
     results: dict[str, dict[str, dict[str, float]]] = {}
     for split in [s for s in splits if s in experiment.splits]:
@@ -186,7 +183,8 @@ def evaluate(experiment, plug_params, splits: Sequence[str], workdir: str | Path
                 outputs = baselines_lib.predict(name, task, examples, train_targets)
             else:
                 outputs = answer(experiment, None if name == ZERO_SHOT else plug_params, examples,
-                                 desc=f"{name} {split}", generate_fn=generate_fn, nll_fn=nll_fn)
+                                 desc=f"{name} {split}", generate_fn=generate_fn,
+                                 label_nll_fn=label_nll_fn)
             if write:
                 lamp.write_predictions(Path(workdir) / f"predictions_{name}_{split}.json",
                                        task.name, [e.id for e in examples], outputs)

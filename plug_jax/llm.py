@@ -57,6 +57,35 @@ class _TargetLoss:
         nll, count = self.example_nll(params, soft, batch)
         return jnp.sum(nll), jnp.sum(count)
 
+    def label_ids(self, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """[C, L] ids of each label as a whole answer (ended as the LLM ends answers), and mask."""
+        return _pad([self.tokenizer.encode(label) + [self.eos_id] for label in labels],
+                    max(len(self.tokenizer.encode(label)) + 1 for label in labels), 0)
+
+    def label_nll(self, params, soft: jax.Array | None, batch: Batch, labels: jax.Array,
+                  label_mask: jax.Array) -> jax.Array:
+        """[B, C] negative log-likelihood of each label (`label_ids`) as the answer: the prompt is
+        run once, then each label's tokens are fed through the cache a token at a time."""
+        first_logits, cache = self.prefill(params, soft, batch, labels.shape[1])
+        first = jax.nn.log_softmax(first_logits.astype(jnp.float32), axis=-1)
+        step = self.tokens_to_logits_fn(params)
+        size = first.shape[0]
+
+        def one_label(label_and_mask):
+            label, mask = label_and_mask
+
+            def next_token(carry, i):
+                step_cache, nll = carry
+                logits, step_cache = step(jnp.full((size, 1), label[i], jnp.int32), step_cache)
+                logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+                return (step_cache, nll - mask[i + 1] * logprobs[:, label[i + 1]]), None
+
+            nll = -first[:, label[0]]
+            (_, nll), _ = jax.lax.scan(next_token, (cache, nll), jnp.arange(label.shape[0] - 1))
+            return nll
+
+        return jax.lax.map(one_label, (labels, label_mask.astype(jnp.float32))).T
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DecoderOnlyLM(_TargetLoss):

@@ -61,6 +61,27 @@ def test_soft_tokens_go_after_the_chat_header():
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
 @pytest.mark.usefixtures("sharp_tiny_t5")
+def test_label_scoring_equals_the_loss_of_each_label_as_the_answer(name):
+    """label_nll runs the prompt once and feeds each label through the cache; it must give the
+    training loss of the same answer, per example, labels of different token lengths included."""
+    lm, params = llm_lib.load_llm(name)
+    labels = ["1", "5", "based on a book"]
+    inputs = [REVIEW, "Which tag? A boy wizard goes to school."]
+    soft = jax.random.normal(jax.random.key(3), (2, 2, lm.width)) * 0.5
+    prompts = _arrays(lm.featurize(inputs, None, max_input_tokens=64, max_target_tokens=8,
+                                   length=96))
+    label_ids, label_mask = lm.label_ids(labels)
+    scored = np.asarray(jax.jit(lm.label_nll)(params, soft, prompts, label_ids, label_mask))
+    assert scored.shape == (2, 3)
+    for column, label in enumerate(labels):
+        answers = _arrays(lm.featurize(inputs, [label] * 2, max_input_tokens=64,
+                                       max_target_tokens=8, length=112))
+        nll, _ = lm.example_nll(params, soft, answers)
+        np.testing.assert_allclose(scored[:, column], np.asarray(nll), rtol=2e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
+@pytest.mark.usefixtures("sharp_tiny_t5")
 def test_soft_tokens_change_the_generated_output(name):
     lm, params = llm_lib.load_llm(name)
     batch = _arrays(lm.featurize([REVIEW] * 2, None, max_input_tokens=64, max_target_tokens=4,
