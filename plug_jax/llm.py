@@ -38,11 +38,6 @@ def _pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.nd
     return ids, mask
 
 
-def _last_true_index(mask: jax.Array) -> jax.Array:
-    """[B, T] bool -> [B] index of each row's last True slot (0 for an empty row)."""
-    return jnp.max(jnp.where(mask, jnp.arange(mask.shape[1]), 0), axis=1)
-
-
 def _example_nll(logits, targets, weights):
     """Per example: cross-entropy summed over weighted target positions, and the weight total."""
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -175,12 +170,15 @@ class DecoderOnlyLM(_TargetLoss):
         the padding slots, which stay masked, so every row continues from its own last token.
         """
         size, length = batch["tokens"].shape
-        prompt_slots = length + (0 if soft is None else soft.shape[1])
-        cache = llama.init_cache(self.module.config, size, prompt_slots + max_new_tokens,
+        prefix = 0 if soft is None else soft.shape[1]
+        cache = llama.init_cache(self.module.config, size, length + prefix + max_new_tokens,
                                  self.module.dtype)
+        # The LM head at the last real slot alone: soft tokens sit before it, padding after.
+        last = jnp.sum(batch["mask"], axis=1, dtype=jnp.int32) - 1 + prefix
         logits, cache = self.module.apply({"params": params}, batch["tokens"], batch["mask"],
-                                          embedded_prefix=soft, insert_at=self.insert_at, cache=cache)
-        return logits[jnp.arange(size), _last_true_index(cache["key_mask"][:, :prompt_slots])], cache
+                                          embedded_prefix=soft, insert_at=self.insert_at, cache=cache,
+                                          logit_positions=last[:, None])
+        return logits[:, 0], cache
 
     def tokens_to_logits_fn(self, params) -> Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]:
         """(tokens [B, 1], cache) -> (logits [B, V], cache): one decoding step."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -89,16 +90,18 @@ def test_load_plug_places_params_as_the_shardings_say(tmp_path):
 
 
 @pytest.mark.parametrize("fields", [{}, {"train_query_encoder": False},
-                                    {"dtype": jnp.bfloat16, "projector_hidden": 0}],
-                         ids=["defaults", "frozen_query_encoder", "bf16"])
+                                    {"dtype": jnp.bfloat16, "projector_hidden": 0},
+                                    {"persona_tokens": 2, "soft_token_scale": "reference",
+                                     "soft_token_norm": 3.5, "param_init": "torch"},
+                                    {"persona_tokens": 0}],
+                         ids=["defaults", "frozen_query_encoder", "bf16", "reference", "instruction"])
 def test_the_description_rebuilds_an_equal_embedder(fields):
     embedder = _tiny_embedder(**fields)
     config = common.lamp_config("LaMP_3", "tiny")
     plug_config = export.make_plug_config(embedder, config, llm_family="llama")
     plug_config = json.loads(json.dumps(plug_config))  # as read from plug_config.json
-    assert set(plug_config["embedder"]) == {
-        "encoder_config", "llm_width", "soft_token_rms", "projector_hidden",
-        "train_query_encoder", "dtype"}
+    constructor = {f.name for f in dataclasses.fields(plug.UserEmbedder)} - {"parent", "name"}
+    assert set(plug_config["embedder"]) == constructor
     rebuilt = export.user_embedder_from_config(plug_config)
     assert rebuilt == embedder
     assert rebuilt.train_query_encoder == embedder.train_query_encoder
