@@ -277,6 +277,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
         export.export_plug(plug_path, state["params"], export.plug_config_for(exp, step=steps))
         results = evaluate.evaluate(exp, state["params"], tuple(config.data.eval_splits), workdir,
                                     method=config.method, baselines=baselines, write=is_main)
+        attention = {}
+        if exp.embedder.persona_tokens:  # is the input-aware attention used, or near uniform?
+            attention = {split: evaluate.attention_entropy(exp, state["params"], exp.splits[split])
+                         for split in config.data.eval_splits if split in exp.splits}
         if writer:
             for method, by_split in results.items():
                 for split, values in by_split.items():
@@ -285,7 +289,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
             writer.close()
 
     cli.echo(evaluate.format_table(results, exp.task.name))
+    for split, values in attention.items():
+        cli.echo(f"aggregator attention on {split}: mean entropy {values['entropy']:.3f} nats, "
+                 f"uniform {values['uniform_entropy']:.3f} ({values['users']} users with 2+ items)")
     if is_main:
+        (workdir / "attention.json").write_text(json.dumps(attention, indent=2) + "\n")
         print(f"plug exported to {plug_path}; metrics written to "
               f"{evaluate.write_metrics(results, workdir)}; {time.time() - started:.0f} s in all")
     return RunResult(exp, state, results, losses, update._cache_size(), start)

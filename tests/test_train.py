@@ -68,6 +68,9 @@ def test_run_writes_metrics_predictions_and_the_plug(tiny_run):
     assert metrics == result.metrics
     predictions = json.loads((workdir / "predictions_pplug_dev.json").read_text())
     assert predictions["task"] == "LaMP_3"
+    attention = json.loads((workdir / "attention.json").read_text())["dev"]
+    assert attention["users"] > 0
+    assert 0.0 <= attention["entropy"] <= attention["uniform_entropy"] + 1e-6
     assert len(predictions["golds"]) == len(result.experiment.splits["dev"])
     # The reported MAE, recomputed by hand from the written predictions and the gold file.
     gold_file = next((workdir / "data").glob("*/dev_outputs.json"))
