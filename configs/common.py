@@ -64,6 +64,8 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
 
     config.data = dict(
         dir="",                    # a LaMP directory; empty: generate synthetic data (the default)
+        source="json",             # 'json': read into memory | 'tfds': array_record, read on demand
+        tfds_dir="",               # where 'tfds' prepares the directory; empty: <workdir>/tfds
         task=task,
         train_split="train",
         eval_splits=("dev", "dev_new"),  # dev_new: users never seen in training (skipped if absent)

@@ -9,7 +9,6 @@ predictions in the LaMP outputs format plus `metrics.json`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import sys
@@ -23,7 +22,7 @@ from absl import flags
 from tqdm import tqdm
 
 from plug_jax import baselines as baselines_lib, cli, decode, export, metrics, sharding
-from plug_jax.data import lamp, pipeline
+from plug_jax.data import grain_pipeline, lamp, pipeline
 
 PPLUG = "pplug"
 ZERO_SHOT = "zero_shot"  # the frozen LLM alone, on the same inputs
@@ -71,24 +70,26 @@ def make_label_nll_fn(experiment):
                    **_replicated_outputs(experiment))
 
 
-def _featurize(experiment, examples, targets: Sequence[str] | None = None):
-    config = experiment.config
-    if targets is not None:
-        examples = [dataclasses.replace(e, target=t) for e, t in zip(examples, targets)]
-    return pipeline.featurize(examples, experiment.llm, experiment.query_tokenizer,
-                              experiment.table, data_config=config.data,
-                              query_instruction=config.encoder.query_instruction,
-                              with_targets=targets is not None)
+def eval_batches(experiment, examples: Sequence[lamp.Example], *, with_targets: bool = False,
+                 llm_length: int | None = None):
+    """The examples in order, in batches of config.decode.eval_batch_size that grain featurizes
+    ahead of the device; the last one padded (`example_mask`). llm_length None: the examples'
+    longest, one shape for the split."""
+    if llm_length is None:
+        llm_length = pipeline.longest_llm_length(experiment.llm, examples,
+                                                 experiment.config.data, with_targets)
+    return grain_pipeline.make_eval_dataset(
+        examples, batch_size=experiment.config.decode.eval_batch_size,
+        featurize=pipeline.make_featurize(experiment, llm_length, with_targets=with_targets))
 
 
 def predict(generate_fn, experiment, plug_params, examples: Sequence[lamp.Example], *,
             desc: str) -> list[str]:
     """Decoded text for every example, in order."""
-    llm, size = experiment.llm, experiment.config.decode.eval_batch_size
-    features = _featurize(experiment, examples)
+    llm = experiment.llm
     outputs = []
     with tqdm(total=len(examples), desc=desc, unit="ex", leave=False) as bar:
-        for batch in pipeline.batches(features, experiment.table, size):
+        for batch in eval_batches(experiment, examples):
             tokens = np.asarray(generate_fn(experiment.llm_params, plug_params, batch))
             for row in decode.strip_after_eos(tokens[batch["example_mask"]], llm.eos_id):
                 outputs.append(llm.tokenizer.decode(row).strip())
@@ -100,11 +101,10 @@ def label_nll(label_nll_fn, experiment, plug_params, examples: Sequence[lamp.Exa
               labels: Sequence[str], *, desc: str = "scoring") -> np.ndarray:
     """[examples, labels] negative log-likelihood of each label as the whole answer (with its
     end-of-turn): each prompt runs once, then every label goes through its cache."""
-    size = experiment.config.decode.eval_batch_size
     label_ids, label_mask = experiment.llm.label_ids(labels)
     scores = []
     with tqdm(total=len(examples), desc=desc, unit="ex", leave=False) as bar:
-        for batch in pipeline.batches(_featurize(experiment, examples), experiment.table, size):
+        for batch in eval_batches(experiment, examples):
             real = batch["example_mask"]
             scores.append(np.asarray(label_nll_fn(experiment.llm_params, plug_params, batch,
                                                   label_ids, label_mask))[real])
@@ -127,7 +127,6 @@ def answer(experiment, plug_params, examples: Sequence[lamp.Example], *, desc: s
 
 def target_nll(experiment, plug_params, examples: Sequence[lamp.Example]) -> float:
     """Mean negative log-likelihood per gold target token (a dev loss), personalized or not."""
-    config = experiment.config
 
     @functools.partial(jax.jit, **_replicated_outputs(experiment))
     def nll(params, batch):
@@ -135,9 +134,8 @@ def target_nll(experiment, plug_params, examples: Sequence[lamp.Example]) -> flo
         return experiment.llm.loss(experiment.llm_params,
                                    _soft_tokens(experiment, params, batch), masked)
 
-    features = _featurize(experiment, examples, [e.target or "" for e in examples])
     total, count = 0.0, 0.0
-    for batch in pipeline.batches(features, experiment.table, config.decode.eval_batch_size):
+    for batch in eval_batches(experiment, examples, with_targets=True):
         loss_sum, tokens = nll(plug_params, batch)
         total, count = total + float(loss_sum), count + float(tokens)
     return total / max(count, 1.0)
@@ -146,12 +144,11 @@ def target_nll(experiment, plug_params, examples: Sequence[lamp.Example]) -> flo
 def attention_entropy(experiment, plug_params, examples: Sequence[lamp.Example]) -> dict:
     """Mean entropy (nats) of the aggregator's weights over users with 2+ history items, beside
     the uniform weights' (log n): near-equal figures say the input-aware attention is not used."""
-    size = experiment.config.decode.eval_batch_size
     weights_fn = jax.jit(lambda params, batch: experiment.embedder.apply(
         {"params": params}, batch["query_tokens"], batch["query_mask"], batch["history"],
         batch["history_mask"], return_weights=True)[1])
     entropy, uniform = [], []
-    for batch in pipeline.batches(_featurize(experiment, examples), experiment.table, size):
+    for batch in eval_batches(experiment, examples):
         weights = np.asarray(weights_fn(plug_params, batch))
         counts = batch["history_mask"].sum(axis=1)
         keep = batch["example_mask"] & (counts >= 2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ from plug_jax.models.loading import read_hf_config
 class Experiment:
     config: ml_collections.ConfigDict
     task: lamp.Task
-    splits: dict[str, list[lamp.Example]]
+    splits: dict[str, Sequence[lamp.Example]]  # lists, or TFDS splits read on demand
     llm: llm_lib.FrozenLM
     llm_params: Any                 # arrays, or ShapeDtypeStructs when abstract
     encoder_config: bert.BertConfig
@@ -79,22 +79,51 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     return directory
 
 
+def _split_reader(config: ml_collections.ConfigDict, workdir: str | Path, directory: Path
+                  ) -> Callable[[str], Sequence[lamp.Example]]:
+    """split -> its examples: a list read from the JSON files (data.source "json"), or a TFDS
+    array_record split read on demand (data.source "tfds"; prepared once into data.tfds_dir,
+    default <workdir>/tfds), for a LaMP directory too large to hold in memory."""
+    source = config.data.get("source", "json")
+    if source == "json":
+        return lambda split: lamp.load_split(directory, split, config.data.task)
+    if source != "tfds":
+        raise ValueError(f"config.data.source {source!r}: expected 'json' or 'tfds'")
+    from plug_jax.data import tfds_lamp  # TFDS only for this source
+
+    tfds_dir = config.data.get("tfds_dir") or Path(workdir) / "tfds"
+    # Process 0 prepares; the others then find the data prepared (or prepare their host's copy).
+    if jax.process_index() == 0:
+        builder = tfds_lamp.prepare(directory, tfds_dir, config.data.task)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("tfds_lamp.prepare")
+    if jax.process_index() != 0:
+        builder = tfds_lamp.prepare(directory, tfds_dir, config.data.task)
+    return lambda split: tfds_lamp.data_source(builder, split)
+
+
 def load_splits(config: ml_collections.ConfigDict, workdir: str | Path,
-                splits: tuple[str, ...]) -> dict[str, list[lamp.Example]]:
+                splits: tuple[str, ...]) -> dict[str, Sequence[lamp.Example]]:
     """The splits whose files exist; an evaluation split without files is skipped, with a note
     (official LaMP has no dev_new), but the training split must be there."""
     directory = data_dir(config, workdir)
+    read = _split_reader(config, workdir, directory)
     loaded = {}
     for split in splits:
         if split != config.data.train_split and not (directory / f"{split}_questions.json").exists():
             print(f"note: {directory} has no {split}_questions.json: split '{split}' skipped")
             continue
-        loaded[split] = prepare(config, lamp.load_split(directory, split, config.data.task))
+        loaded[split] = prepare(config, read(split))
     return loaded
 
 
-def prepare(config: ml_collections.ConfigDict, examples: list[lamp.Example]) -> list[lamp.Example]:
-    """The examples as the config's recipe shows them to the plug and the LLM.
+def prepare(config: ml_collections.ConfigDict,
+            examples: Sequence[lamp.Example]) -> Sequence[lamp.Example]:
+    """The examples as the config's recipe shows them to the plug and the LLM: a list becomes a
+    list; any other sequence (a TFDS split) a `lamp.MappedExamples` that applies the recipe on
+    each read.
 
     data.history_labels: each history text starts with its item's label (LaMP-2 tag, LaMP-3
     score), so the persona can see the user's habits, not only their words.
@@ -103,17 +132,26 @@ def prepare(config: ml_collections.ConfigDict, examples: list[lamp.Example]) -> 
     data.max_input_tokens, about 4 characters a token); the plug's query stays the bare input.
     """
     task = lamp.get_task(config.data.task)
+    steps = []
     if config.data.history_labels and task.label_field:
-        examples = [dataclasses.replace(e, history=tuple(
+        steps.append(lambda e: dataclasses.replace(e, history=tuple(
             f"{task.label_field} {label}: {text}"
-            for label, text in zip(e.history_labels, e.history))) for e in examples]
+            for label, text in zip(e.history_labels, e.history))))
     if methods.get(config.method).retrieval:
         from plug_jax import baselines  # bm25s only for retrieval recipes
 
         max_chars = 4 * config.data.max_input_tokens
-        examples = [dataclasses.replace(e, input=baselines.retrieval_prompt(
-            task, e, config.data.retrieval_k, max_chars=max_chars)) for e in examples]
-    return examples
+        steps.append(lambda e: dataclasses.replace(e, input=baselines.retrieval_prompt(
+            task, e, config.data.retrieval_k, max_chars=max_chars)))
+
+    def recipe(example: lamp.Example) -> lamp.Example:
+        for step in steps:
+            example = step(example)
+        return example
+
+    if isinstance(examples, list):
+        return [recipe(e) for e in examples] if steps else examples
+    return lamp.MappedExamples(examples, recipe if steps else None)
 
 
 def _encoder_source(encoder: ml_collections.ConfigDict) -> tuple[bert.BertConfig | None, Path | None]:
@@ -158,7 +196,7 @@ def load_encoder(encoder: ml_collections.ConfigDict, abstract: bool = False
 
 
 def history_table(config: ml_collections.ConfigDict, workdir: str | Path,
-                  examples: dict[str, list[lamp.Example]], encoder_config: bert.BertConfig,
+                  examples: dict[str, Sequence[lamp.Example]], encoder_config: bert.BertConfig,
                   encoder_params: Any, encoder_dir: Path, progress: bool = True
                   ) -> history_lib.HistoryTable:
     """Frozen embeddings of every history text of these splits, from the cache when it has them."""

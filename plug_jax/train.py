@@ -108,29 +108,6 @@ def total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
     return min(epochs_steps, config.optim.max_steps) if config.optim.max_steps else epochs_steps
 
 
-def make_featurize(exp, llm_length: int):
-    """Examples -> one batch of fixed-shape arrays, history vectors gathered."""
-
-    def featurize(examples):
-        features = pipeline.featurize(
-            examples, exp.llm, exp.query_tokenizer, exp.table, data_config=exp.config.data,
-            query_instruction=exp.config.encoder.query_instruction, with_targets=True,
-            llm_length=llm_length)
-        features["history"], features["history_mask"] = exp.table.lookup(
-            features.pop("history_rows"))
-        return features
-
-    return featurize
-
-
-def examples_array(examples: list) -> dict[str, np.ndarray]:
-    """The training stream's batches: the examples themselves, featurized after each process
-    has taken its rows (`process_rows`)."""
-    array = np.empty(len(examples), object)
-    array[:] = examples
-    return {"examples": array}
-
-
 def to_global(batch: dict[str, np.ndarray], mesh, rules, batch_size: int) -> dict[str, jax.Array]:
     """This process's rows -> global arrays of `batch_size` rows, sharded over the batch axes."""
     return {name: jax.make_array_from_process_local_data(
@@ -175,10 +152,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
           f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es)")
     exp = experiment_lib.build(config, workdir, mesh=mesh)
     train_examples = exp.splits[config.data.train_split]
-    llm_length = pipeline.round_up(exp.llm.sequence_length(
-        max(exp.llm.prompt_lengths([e.input for e in train_examples],
-                                   config.data.max_input_tokens)),
-        config.data.max_target_tokens, with_targets=True))
+    llm_length = pipeline.longest_llm_length(exp.llm, train_examples, config.data,
+                                             with_targets=True)
     augment_from = config.data.get("augment_from", "recent")
     num_train = grain_pipeline.num_train_examples(train_examples, config.data.augment_copies,
                                                   config.data.max_history, augment_from)
@@ -209,13 +184,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
         checkpointer = checkpoint.TrainCheckpointer.from_config(workdir, config)
         # Every process walks the same global batches, so the data are the same whatever the
         # number of processes, and featurizes only the rows its devices hold (all of them where
-        # the batch axes do not span the processes).
+        # the batch axes do not span the processes), in grain's prefetch thread.
         dataset = grain_pipeline.make_train_dataset(
             train_examples, seed=config.seed, batch_size=config.optim.batch_size,
-            featurize=examples_array, augment_copies=config.data.augment_copies,
-            max_history=config.data.max_history, augment_from=augment_from, shard_index=0,
-            shard_count=1)
-        featurize = make_featurize(exp, llm_length)
+            featurize=pipeline.make_featurize(exp, llm_length), rows=rows,
+            augment_copies=config.data.augment_copies, max_history=config.data.max_history,
+            augment_from=augment_from)
         batches = iter(dataset)
         start = 0
         restored = checkpointer.restore_latest(checkpoint.abstract_of(state))
@@ -240,8 +214,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
                 tqdm(total=steps, initial=start, desc="training", unit="step",
                      disable=not is_main) as bar:
             for step in range(start + 1, steps + 1):
-                examples = list(next(batches)["examples"][rows])
-                batch = to_global(featurize(examples), mesh, rules, config.optim.batch_size)
+                batch = next(batches)
+                del batch["index"], batch["example_mask"]  # no padding in training batches
+                batch = to_global(batch, mesh, rules, config.optim.batch_size)
                 data_state = batches.get_state()
                 tick = time.time()
                 state, stats = update(state, exp.llm_params, batch)
@@ -266,6 +241,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
                     cli.echo(f"stopped by a signal at step {step}: checkpoint saved; rerun the same "
                           "command to resume")
                     raise SystemExit(0)
+        batches.close()  # its prefetch thread would featurize on, beside evaluation's
         checkpointer.close()
         if losses:
             cli.echo(f"loss: first {np.mean(losses[:5]):.4f} -> last {np.mean(losses[-5:]):.4f} "

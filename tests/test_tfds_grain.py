@@ -66,7 +66,11 @@ def test_builder_splits_match_the_reader_without_tensorflow(synthetic_dir, synth
     for split in ("train", "dev", "dev_new"):
         source = tfds_lamp.data_source(synthetic_builder, split)
         # Every field, in the file's order: ids, inputs, queries, histories, dates, labels, targets.
-        assert list(source) == lamp.load_split(synthetic_dir, split)
+        expected = lamp.load_split(synthetic_dir, split)
+        assert list(source) == expected
+        # The profile items too, which `==` leaves out (baselines and BM25 prompts read them).
+        assert [e.history_items for e in source] == [e.history_items for e in expected]
+        assert any(e.history_items for e in source)
     assert all(e.target is None for e in tfds_lamp.data_source(synthetic_builder, "dev_new"))
     assert list(synthetic_builder.data_path.glob("*.array_record*"))
     assert "tensorflow" not in sys.modules
@@ -117,8 +121,7 @@ def test_shuffle_is_deterministic_by_seed_and_differs_across_epochs(train_source
 
     def order(seed):
         return _indices(grain_pipeline.make_train_dataset(
-            train_source, seed=seed, batch_size=1, featurize=_featurize, num_epochs=2,
-            shard_index=0, shard_count=1))
+            train_source, seed=seed, batch_size=1, featurize=_featurize, num_epochs=2))
 
     first = order(0)
     assert first == order(0)
@@ -133,7 +136,7 @@ def test_augmentation_adds_copies_only_for_long_histories(train_source):
     seen: list[lamp.Example] = []
     dataset = grain_pipeline.make_train_dataset(
         train_source, seed=0, batch_size=1, featurize=_recording_featurize(seen),
-        augment_copies=copies, num_epochs=1, shard_index=0, shard_count=1)
+        augment_copies=copies, num_epochs=1, prefetch_batches=0)  # `seen` in batch order
     indices = _indices(dataset)
     counts = collections.Counter(indices)
     long = [i for i, e in enumerate(train_source) if len(e.history) > 2]
@@ -177,66 +180,35 @@ def test_augmented_copy_is_seeded_by_seed_index_and_copy(train_source):
     assert grain_pipeline.augmented_copy(short, seed=0, index=0, copy=1) is None
 
 
-def test_batches_pad_to_the_smallest_bucket(train_source):
-    buckets = (4, 8, 16, 64)
-    dataset = grain_pipeline.make_train_dataset(
-        train_source, seed=0, batch_size=3, featurize=_featurize, augment_copies=1,
-        bucket_lengths=buckets, num_epochs=1, shard_index=0, shard_count=1)
-    used = set()
-    for batch in dataset:
-        longest = int(batch["history_count"].max()) + 1
-        width = batch["tokens"].shape[1]
-        assert width == min(b for b in buckets if b >= longest)
-        assert batch["mask"].shape == batch["tokens"].shape
-        assert not batch["mask"][:, longest:].any()
-        used.add(width)
-    assert len(used) > 1
+def test_processes_walk_the_same_batches_and_featurize_their_rows(train_source):
+    def batches(rows=None):
+        return list(grain_pipeline.make_train_dataset(
+            train_source, seed=0, batch_size=4, featurize=_featurize, augment_copies=2,
+            num_epochs=1, rows=rows))
 
-    features = {"tokens": np.ones((2, 64)), "mask": np.ones((2, 64)), "other": np.ones((2, 5))}
-    padded = grain_pipeline.pad_to_bucket(features, (64, 128, 256))
-    assert padded["tokens"].shape == (2, 64) and padded["other"].shape == (2, 5)
-    padded = grain_pipeline.pad_to_bucket({"tokens": np.ones((2, 65))}, (64, 128, 256))
-    assert padded["tokens"].shape == (2, 128) and padded["tokens"][:, 65:].sum() == 0
-    with pytest.raises(ValueError, match="largest bucket 256"):
-        grain_pipeline.pad_to_bucket({"tokens": np.ones((2, 257))}, (64, 128, 256))
+    whole = batches()
+    halves = [batches(slice(0, 2)), batches(slice(2, 4))]
+    assert len(whole) == len(halves[0]) == len(halves[1])
+    for batch, first, second in zip(whole, *halves):
+        assert len(first["index"]) == len(second["index"]) == 2
+        for key in ("index", "example_mask", "history_count"):
+            np.testing.assert_array_equal(batch[key], np.concatenate([first[key], second[key]]))
 
 
-def test_two_processes_read_disjoint_covering_shares(train_source):
-    size = len(train_source)
-    train_shares = [_indices(grain_pipeline.make_train_dataset(
-        train_source, seed=0, batch_size=1, featurize=_featurize, augment_copies=2, num_epochs=1,
-        shard_index=p, shard_count=2)) for p in range(2)]
-    assert not set(train_shares[0]) & set(train_shares[1])
-    assert set(train_shares[0]) | set(train_shares[1]) == set(range(size))
-    assert all(i % 2 == p for p in range(2) for i in train_shares[p])  # each reads its share
-
-    eval_batches = [list(grain_pipeline.make_eval_dataset(
-        train_source, batch_size=4, featurize=_featurize, shard_index=p, shard_count=2))
-        for p in range(2)]
-    assert len(eval_batches[0]) == len(eval_batches[1])  # same step count on every process
-    eval_shares = [_indices(batches) for batches in eval_batches]
-    assert sorted(eval_shares[0] + eval_shares[1]) == list(range(size))
-    padding = [b["index"][~b["example_mask"]] for batches in eval_batches for b in batches]
-    assert all((p == -1).all() for p in padding)
-
-
-def test_eval_padding_keeps_step_counts_equal_for_odd_sizes():
-    examples = synthetic.generate("LaMP_3", num_users=6, examples_per_user=2)["train"][:7]
-    assert len(examples) == 7
-    lengths = []
-    for p in range(2):
-        batches = list(grain_pipeline.make_eval_dataset(
-            examples, batch_size=1, featurize=_featurize, shard_index=p, shard_count=2))
-        lengths.append(len(batches))
-        assert all(b["tokens"].shape[0] == 1 for b in batches)
-    assert lengths == [4, 4]
+def test_eval_reads_every_example_once_in_order_padding_the_last_batch(train_source):
+    batches = list(grain_pipeline.make_eval_dataset(train_source, batch_size=5,
+                                                    featurize=_featurize))
+    assert len(train_source) % 5 and len(batches) == -(-len(train_source) // 5)
+    assert _indices(batches) == list(range(len(train_source)))
+    last = batches[-1]
+    assert len(last["index"]) == 5 and (last["index"][~last["example_mask"]] == -1).all()
+    assert not last["example_mask"].all()
 
 
 def test_iterator_state_resumes_with_the_same_batches(train_source):
     def dataset():
         return grain_pipeline.make_train_dataset(
-            train_source, seed=3, batch_size=4, featurize=_featurize, augment_copies=2,
-            bucket_lengths=(8, 16, 64), shard_index=0, shard_count=1)
+            train_source, seed=3, batch_size=4, featurize=_featurize, augment_copies=2)
 
     per_epoch = grain_pipeline.num_train_examples(train_source, 2) // 4
     iterator = iter(dataset())
@@ -251,3 +223,48 @@ def test_iterator_state_resumes_with_the_same_batches(train_source):
         assert want.keys() == got.keys()
         for key in want:
             np.testing.assert_array_equal(want[key], got[key])
+
+
+
+# --------------------------------------------------------------------------------------------
+# config.data.source = "tfds" in the commands.
+
+
+def _tiny_config(source: str, **data):
+    from configs import lamp3
+
+    config = lamp3.get_config("tiny")
+    config.data.source = source
+    config.data.update(data)
+    return config
+
+
+def test_recipes_apply_on_read_to_a_tfds_split(tmp_path):
+    from plug_jax import experiment
+
+    splits = {}
+    for source in ("json", "tfds"):
+        config = _tiny_config(source, history_labels=True)
+        config.method = "pplug_bm25"
+        splits[source] = experiment.load_splits(config, tmp_path, ("train", "dev"))
+    for split in ("train", "dev"):
+        lazy, eager = splits["tfds"][split], splits["json"][split]
+        assert isinstance(lazy, lamp.MappedExamples) and isinstance(eager, list)
+        assert list(lazy) == eager  # BM25 prompts read the TFDS records' profile items
+        assert list(lazy[3:7]) == eager[3:7] and len(lazy[3:7]) == 4
+    assert "is the score for" in eager[0].input and eager[0].history[0].startswith("score ")
+    assert "tensorflow" not in sys.modules
+
+
+def test_training_and_evaluation_from_tfds_match_json(tmp_path):
+    from plug_jax import train
+
+    runs = {}
+    for source in ("json", "tfds"):
+        config = _tiny_config(source)
+        config.optim.max_steps = 4
+        runs[source] = train.run(config, tmp_path / source, baselines=("majority", "profile"))
+    assert isinstance(runs["tfds"].experiment.splits["train"], lamp.MappedExamples)
+    assert runs["tfds"].losses == runs["json"].losses  # the same batches, in the same order
+    assert set(runs["tfds"].metrics) == {"pplug", "majority", "profile"}
+    assert runs["tfds"].metrics == runs["json"].metrics

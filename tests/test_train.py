@@ -93,11 +93,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_run):
     exp = result.experiment
     from plug_jax.data import pipeline
 
-    features = pipeline.featurize(exp.splits["train"][:8], exp.llm, exp.query_tokenizer, exp.table,
-                                  data_config=exp.config.data, query_instruction="",
-                                  with_targets=True)
-    batch = next(pipeline.batches(features, exp.table, 8))
-    batch.pop("example_mask")
+    batch = pipeline.make_featurize(exp, llm_length=None)(exp.splits["train"][:8])
     params = exp.init_plug_params(jax.random.key(3))
     optimizer = train.make_optimizer(exp.config.optim, 10)
     updated = []

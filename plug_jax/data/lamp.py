@@ -51,9 +51,9 @@ class Example:
       history_labels: the items' labels (LaMP_2 tag, LaMP_3 score), aligned with `history`; None
         for tasks whose profile items carry no label.
       history_items: the items' task fields (`Task.history_fields` and `Task.label_field`) as
-        (field, value) pairs, aligned with `history`; None when the source does not keep them
-        (TFDS records). Derived from the same profile as `history`, so left out of `==` and hash:
-        an example reads equal with or without it.
+        (field, value) pairs, aligned with `history`; None when the source does not keep them.
+        Derived from the same profile as `history`, so left out of `==` and hash: an example
+        reads equal with or without it.
     """
 
     id: str
@@ -73,6 +73,28 @@ class Example:
             raise ValueError(f"example {self.id!r} carries no history_items (parse it from the "
                              "LaMP files with load_split / parse_examples)")
         return [dict(item) for item in self.history_items]
+
+
+@dataclasses.dataclass(frozen=True)
+class MappedExamples(Sequence[Example]):
+    """`transform(source[i])`, computed on every read: a split too large to hold in memory (a TFDS
+    `data_source`) seen through a recipe without materializing it. A slice is another view."""
+
+    source: Sequence[Example]
+    transform: Callable[[Example], Example] | None = None
+    indices: range | None = None  # None: all of `source`
+
+    def _indices(self) -> range:
+        return range(len(self.source)) if self.indices is None else self.indices
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return dataclasses.replace(self, indices=self._indices()[index])
+        example = self.source[self._indices()[index]]  # IndexError past the end ends iteration
+        return example if self.transform is None else self.transform(example)
 
 
 @dataclasses.dataclass(frozen=True)

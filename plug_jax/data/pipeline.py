@@ -1,14 +1,12 @@
-"""From LaMP examples to fixed-shape arrays: featurization, and evaluation batches.
-
-A split is featurized once: LLM tokens (through the frozen LLM's adapter), query-encoder tokens,
-and each example's history as row indices into the frozen history-embedding table, so a 512-item
-history costs 512 ints per example until a batch gathers its vectors. Every array has one fixed
-shape per run, so the jitted step compiles once.
+"""From LaMP examples to fixed-shape arrays: LLM tokens (through the frozen LLM's adapter),
+query-encoder tokens, and each example's history as rows of the frozen history-embedding table,
+whose vectors a batch gathers. The LLM sequence length is fixed per run (training) or per split
+(evaluation), so a jitted step compiles once; `grain_pipeline` runs `make_featurize` per batch.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -45,16 +43,22 @@ def query_text(example: Example, llm, data_config) -> str:
     return lamp.reference_query(data_config.task, text, lamp1_query)
 
 
+def longest_llm_length(llm, examples: Sequence[Example], data_config, with_targets: bool) -> int:
+    """The LLM sequence length that holds every example's prompt (and answer): reads each
+    example's input once."""
+    longest = max(llm.prompt_lengths([e.input for e in examples], data_config.max_input_tokens),
+                  default=1)
+    return round_up(llm.sequence_length(longest, data_config.max_target_tokens, with_targets))
+
+
 def featurize(examples: Sequence[Example], llm, query_tokenizer, table: HistoryTable, *,
               data_config, query_instruction: str, with_targets: bool,
               llm_length: int | None = None) -> dict[str, np.ndarray]:
-    """Stacked per-example arrays [N, ...] for one split."""
+    """Stacked per-example arrays [N, ...]; llm_length None: the examples' longest."""
     inputs = [e.input for e in examples]
     targets = [e.target or "" for e in examples] if with_targets else None
     if llm_length is None:
-        longest = max(llm.prompt_lengths(inputs, data_config.max_input_tokens), default=1)
-        llm_length = round_up(llm.sequence_length(longest, data_config.max_target_tokens,
-                                                  with_targets))
+        llm_length = longest_llm_length(llm, examples, data_config, with_targets)
     features = llm.featurize(inputs, targets, max_input_tokens=data_config.max_input_tokens,
                              max_target_tokens=data_config.max_target_tokens, length=llm_length)
     queries = [query_instruction + query_text(e, llm, data_config) for e in examples]
@@ -67,20 +71,17 @@ def featurize(examples: Sequence[Example], llm, query_tokenizer, table: HistoryT
     return features
 
 
-def num_examples(features: dict[str, np.ndarray]) -> int:
-    return len(features["history_rows"])
+def make_featurize(exp, llm_length: int | None, *, with_targets: bool = True):
+    """Examples -> one batch of fixed-shape arrays with the history vectors gathered: the grain
+    pipeline's map after batching (`grain_pipeline`). llm_length None: the examples' longest."""
 
+    def featurize_batch(examples: Sequence[Example]) -> dict[str, np.ndarray]:
+        features = featurize(examples, exp.llm, exp.query_tokenizer, exp.table,
+                             data_config=exp.config.data,
+                             query_instruction=exp.config.encoder.query_instruction,
+                             with_targets=with_targets, llm_length=llm_length)
+        features["history"], features["history_mask"] = exp.table.lookup(
+            features.pop("history_rows"))
+        return features
 
-def batches(features: dict[str, np.ndarray], table: HistoryTable,
-            batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """In-order evaluation batches with history vectors gathered. A last partial batch is padded
-    with copies of its first example, marked False in `example_mask`."""
-    size = num_examples(features)
-    for begin in range(0, size, batch_size):
-        index = np.arange(begin, min(begin + batch_size, size))
-        real = len(index)
-        index = np.concatenate([index, np.full(batch_size - real, index[0])])
-        batch = {name: array[index] for name, array in features.items()}
-        batch["history"], batch["history_mask"] = table.lookup(batch.pop("history_rows"))
-        batch["example_mask"] = np.arange(batch_size) < real
-        yield batch
+    return featurize_batch

@@ -10,7 +10,8 @@ Sequence(Text) features, which encode with numpy alone). `tfds.load` and `as_dat
 (`plug_jax.data.grain_pipeline`) reads a `data_source` by index.
 
 Records keep the questions file's order (shuffling is disabled), so index i of a split is
-`lamp.load_split(...)[i]`.
+`lamp.load_split(...)[i]`. The commands read through here with `config.data.source = "tfds"`
+(`experiment.load_splits`).
 """
 
 from __future__ import annotations
@@ -40,14 +41,15 @@ class LampBuilder(tfds.core.GeneratorBasedBuilder):
 
     Splits are whatever `{split}_questions.json` files the manual directory holds. Each record
     holds every `lamp.Example` field, so `data_source` gives back exactly what `lamp.load_split`
-    gives. None is stored as empty: "" for a missing user_id, "" for each target of a split
+    gives; the profile items' fields are stored one sequence per field (`item_{field}`), aligned
+    with `history`. None is stored as empty: "" for a missing user_id, "" for each target of a split
     without `{split}_outputs.json` (test), no dates when some profile item has none, no labels
     for tasks whose profile items carry none.
     """
 
     name = "lamp"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "The profile items' fields."}
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=task.name, description=f"{task.kind} task")
                        for task in lamp.TASKS.values()]
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -84,6 +86,8 @@ class LampBuilder(tfds.core.GeneratorBasedBuilder):
                 "history": tfds.features.Sequence(text),
                 "history_dates": tfds.features.Sequence(text),
                 "history_labels": tfds.features.Sequence(text),
+                **{_item_key(field): tfds.features.Sequence(text)
+                   for field in _item_fields(self.builder_config.name)},
             }),
             homepage="https://lamp-benchmark.github.io",
             disable_shuffling=True,  # keep the file's order: index i == load_split(...)[i]
@@ -117,7 +121,19 @@ class LampBuilder(tfds.core.GeneratorBasedBuilder):
                 "history": list(example.history),
                 "history_dates": list(example.history_dates or ()),
                 "history_labels": list(example.history_labels or ()),
+                **{_item_key(field): [dict(item)[field] for item in example.history_items]
+                   for field in _item_fields(self.builder_config.name)},
             }
+
+
+def _item_fields(task: str) -> tuple[str, ...]:
+    """The profile item fields `lamp.Example.history_items` carries, in their order."""
+    task = lamp.get_task(task)
+    return task.history_fields + ((task.label_field,) if task.label_field else ())
+
+
+def _item_key(field: str) -> str:
+    return f"item_{field}"
 
 
 def lamp_splits(manual_dir: str | os.PathLike[str]) -> list[str]:
@@ -184,6 +200,7 @@ class LampDataSource(Sequence[lamp.Example]):
     records: Sequence[dict[str, Any]]
     has_targets: bool
     has_labels: bool
+    item_fields: tuple[str, ...]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -215,6 +232,9 @@ class LampDataSource(Sequence[lamp.Example]):
             history_dates=dates if len(dates) == len(history) else None,
             history_labels=(tuple(_text(item) for item in record["history_labels"])
                             if self.has_labels else None),
+            history_items=tuple(zip(*(
+                [(field, _text(value)) for value in record[_item_key(field)]]
+                for field in self.item_fields))),
         )
 
 
@@ -228,7 +248,8 @@ def data_source(builder: LampBuilder, split: str) -> LampDataSource:
         raise KeyError(f"no split {split!r} in {builder.data_dir}; "
                        f"splits: {', '.join(sorted(builder.info.splits))}")
     no_targets = builder.info.metadata.get(_NO_TARGETS_KEY, [])
+    task = builder.builder_config.name
     return LampDataSource(records=builder.as_data_source(split),
                           has_targets=split not in no_targets,
-                          has_labels=lamp.get_task(builder.builder_config.name).label_field
-                          is not None)
+                          has_labels=lamp.get_task(task).label_field is not None,
+                          item_fields=_item_fields(task))
