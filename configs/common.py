@@ -75,7 +75,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         max_target_tokens=16,
         max_query_tokens=96,
         augment_copies=0,          # extra copies of each training example with history dropped
-        history_labels=False,      # history texts start with their label (LaMP-2 tag, LaMP-3 score)
+        history_labels=True,       # history texts start with their label (LaMP-2 tag, LaMP-3 score)
         retrieval_k=4,             # history items BM25 writes into the prompt (methods *bm25*)
         augment_from="recent",     # their drop pool: 'recent' (max_history) | 'all' (reference)
         query_from="input",        # query cut from the 'input' | 'truncated_input' (reference)
@@ -112,14 +112,15 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         warmup_fraction=0.05,
         batch_size=8,
         grad_accum_steps=1,
-        epochs=2.0,
-        max_steps=60,              # 0: run the epochs
+        epochs=1.0,
+        max_steps=0,               # 0: run the epochs
         grad_clip=1.0,
         weight_decay_mask="all",   # 'all' | 'no_bias_norm' (Hugging Face Trainer, the reference)
         warmup_rounding="floor",   # warmup steps: 'floor' | 'ceil' (Hugging Face Trainer)
     )
-    # method: 'greedy', 'beam', or 'score' (classification tasks: the most likely label)
-    config.decode = dict(method="greedy", num_beams=4,
+    # method: 'greedy', 'beam', or 'score': a task with labels (LaMP-1/2/3) answers with its most
+    # likely label, which needs one pass over the prompt instead of generating.
+    config.decode = dict(method="score" if lamp.get_task(task).labels else "greedy", num_beams=4,
                          max_new_tokens=lamp.get_task(task).max_new_tokens,
                          eval_batch_size=16)
     config.checkpoint = dict(save_every=200, max_to_keep=3, async_save=True)
@@ -143,7 +144,8 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         config.data.max_target_tokens = 10 if task == "LaMP_3" else 128  # = max_new_len
         config.data.max_query_tokens = 256 + 20  # max_input_len + 20
         config.data.augment_copies = 10
-        config.data.update(augment_from="all", query_from="truncated_input", lamp1_query="title")
+        config.data.update(augment_from="all", query_from="truncated_input", lamp1_query="title",
+                           history_labels=False)
         config.llm.path = "google/flan-t5-xxl"  # a local HF directory
         config.llm.dtype = "bfloat16"
         config.llm.soft_token_position = "start"

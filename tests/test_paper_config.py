@@ -45,6 +45,7 @@ def _paper_values(task):
         "data.max_history": 512,
         "data.query_from": "truncated_input",  # process_qry(query) after the input's truncation
         "data.lamp1_query": "title",           # process_qry: between 'title "' and '",'
+        "data.history_labels": False,          # embedding.py: the item's text fields alone
         # aggr_id.py: 10 copies of each example with > 2 items, int(n * U[0, 0.5)) + 1 dropped by
         # random.sample from the whole history.
         "data.augment_copies": 10,
