@@ -35,6 +35,18 @@ class Experiment:
     table: history_lib.HistoryTable | None  # None without data
     embedder: plug.UserEmbedder
     mesh: Any = None                # where the frozen LLM lives (None: the default device)
+    encoder_dir: Path | None = None  # the encoder's tokenizer (and checkpoint) directory
+
+    def text_cache(self, cache_dir: str | Path | None) -> history_lib.TextEmbeddingCache:
+        """A per-text cache of history embeddings, for histories that no split holds (users
+        served one request at a time); keyed by the encoder, its weights' fingerprint included."""
+        fingerprint = plug.encoder_embedding_rms(self.encoder_params)
+        return history_lib.TextEmbeddingCache(
+            history_encoder(self.config, self.encoder_config, self.encoder_params,
+                            self.encoder_dir),
+            self.encoder_config.hidden_size,
+            f"{encoder_id(self.config, self.encoder_config, self.encoder_dir)}|{fingerprint:.6g}",
+            cache_dir)
 
     def _init_plug(self, rng: jax.Array):
         history = self.config.data.max_history
@@ -195,20 +207,29 @@ def load_encoder(encoder: ml_collections.ConfigDict, abstract: bool = False
     return config, params, directory
 
 
+def history_encoder(config: ml_collections.ConfigDict, encoder_config: bert.BertConfig,
+                    encoder_params: Any, encoder_dir: Path) -> bert.SentenceEncoder:
+    return bert.SentenceEncoder(encoder_config, encoder_params, bert.bert_tokenizer(encoder_dir),
+                                max_length=config.encoder.max_length)
+
+
+def encoder_id(config: ml_collections.ConfigDict, encoder_config: bert.BertConfig,
+               encoder_dir: Path) -> str:
+    """What the history embeddings depend on: the cache key of the history encoder."""
+    return (f"{config.encoder.path}|{encoder_dir.resolve()}|{encoder_config.pooling}|"
+            f"{config.encoder.max_length}")
+
+
 def history_table(config: ml_collections.ConfigDict, workdir: str | Path,
                   examples: dict[str, Sequence[lamp.Example]], encoder_config: bert.BertConfig,
                   encoder_params: Any, encoder_dir: Path, progress: bool = True
                   ) -> history_lib.HistoryTable:
     """Frozen embeddings of every history text of these splits, from the cache when it has them."""
-    history_encoder = bert.SentenceEncoder(encoder_config, encoder_params,
-                                           bert.bert_tokenizer(encoder_dir),
-                                           max_length=config.encoder.max_length)
-    encoder_id = (f"{config.encoder.path}|{encoder_dir.resolve()}|{encoder_config.pooling}|"
-                  f"{config.encoder.max_length}")
     return history_lib.build_history_table(
-        (e.history for split in examples.values() for e in split), history_encoder,
-        encoder_config.hidden_size, encoder_id, config.data.cache_dir or Path(workdir) / "cache",
-        progress=progress)
+        (e.history for split in examples.values() for e in split),
+        history_encoder(config, encoder_config, encoder_params, encoder_dir),
+        encoder_config.hidden_size, encoder_id(config, encoder_config, encoder_dir),
+        config.data.cache_dir or Path(workdir) / "cache", progress=progress)
 
 
 def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
@@ -254,4 +275,4 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
                       llm_params=llm_params, encoder_config=encoder_config,
                       encoder_params=encoder_params,
                       query_tokenizer=encoder_dir and bert.bert_tokenizer(encoder_dir),
-                      table=table, embedder=embedder, mesh=mesh)
+                      table=table, embedder=embedder, mesh=mesh, encoder_dir=encoder_dir)

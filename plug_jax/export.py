@@ -98,6 +98,8 @@ def make_plug_config(embedder: plug.UserEmbedder, config: ml_collections.ConfigD
                  "max_query_tokens": int(config.data.max_query_tokens),
                  "max_input_tokens": int(config.data.max_input_tokens),
                  "max_target_tokens": int(config.data.max_target_tokens)},
+        # The whole run config: `plug_jax.personalize` rebuilds the run from the export alone.
+        "run_config": json.loads(config.to_json_best_effort()),
     }
 
 
@@ -108,8 +110,20 @@ def llm_family(llm: Any) -> str:
 
 def plug_config_for(experiment: Any, step: int | None = None) -> dict:
     """`make_plug_config` of a built plug_jax.experiment.Experiment."""
-    return make_plug_config(experiment.embedder, experiment.config,
-                            llm_family=llm_family(experiment.llm), step=step)
+    plug_config = make_plug_config(experiment.embedder, experiment.config,
+                                   llm_family=llm_family(experiment.llm), step=step)
+    plug_config["encoder"]["embedding_rms"] = plug.encoder_embedding_rms(
+        experiment.encoder_params)
+    return plug_config
+
+
+def run_config_of(plug_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The training run's config, as the export recorded it; PlugFormatError for an export
+    written before exports carried it."""
+    if "run_config" not in plug_config:
+        raise PlugFormatError("the export has no run_config (written by an older plug_jax): "
+                              "export it again with python -m plug_jax.export")
+    return ml_collections.ConfigDict(plug_config["run_config"])
 
 
 def plug_config_from_run_config(config: ml_collections.ConfigDict) -> dict:

@@ -156,6 +156,13 @@ def embedding_rms(embedding_table: jax.Array) -> float:
     return float(jnp.sqrt(jnp.mean(jnp.square(table))))
 
 
+def encoder_embedding_rms(encoder_params) -> float | None:
+    """RMS of a sentence encoder's word embeddings: a fingerprint that tells encoders of the same
+    shape apart (None for abstract params)."""
+    table = encoder_params["word_embeddings"]["embedding"]
+    return None if isinstance(table, jax.ShapeDtypeStruct) else embedding_rms(table)
+
+
 def embedding_norm(embedding_table: jax.Array) -> float:
     """Mean L2 norm of the LLM's token embeddings: N of the "reference" soft-token scale."""
     table = jnp.asarray(embedding_table, jnp.float32)

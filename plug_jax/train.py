@@ -34,17 +34,22 @@ from plug_jax.data import grain_pipeline, pipeline
 ENCODER_GROUP, HEAD_GROUP = "encoder", "head"
 
 
+def lr_schedule(optim: ml_collections.ConfigDict, total_steps: int, peak: float) -> optax.Schedule:
+    """Linear warmup to `peak`, then linear decay to 0; update n (from 0) runs at schedule(n)."""
+    round_warmup = math.ceil if optim.get("warmup_rounding", "floor") == "ceil" else int
+    warmup = max(1, round_warmup(optim.warmup_fraction * total_steps))
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
+                                 optax.linear_schedule(peak, 0.0, max(1, total_steps - warmup))],
+                                [warmup])
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
                    train_query_encoder: bool = True) -> optax.GradientTransformation:
     """AdamW with linear warmup and decay; the query encoder has its own learning rate (or is
     frozen: then it has no optimizer state)."""
 
     def schedule(peak):
-        round_warmup = math.ceil if optim.get("warmup_rounding", "floor") == "ceil" else int
-        warmup = max(1, round_warmup(optim.warmup_fraction * total_steps))
-        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
-                                     optax.linear_schedule(peak, 0.0, max(1, total_steps - warmup))],
-                                    [warmup])
+        return lr_schedule(optim, total_steps, peak)
 
     def group(params):
         return {name: jax.tree.map(lambda _: ENCODER_GROUP if name == "query_encoder" else HEAD_GROUP,
@@ -166,6 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
     params = exp.init_plug_params(jax.random.key(config.seed), mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         optimizer = make_optimizer(config.optim, steps, config.plug.train_query_encoder)
+        head_lr = lr_schedule(config.optim, steps, config.optim.lr)
         # Adam's moments sharded as their parameters: left to the compiler, they are replicated.
         param_shardings = jax.tree.map(lambda x: x.sharding, params)
         state = jax.jit(lambda p: {"params": p, "opt": optimizer.init(p),
@@ -228,9 +234,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
                         writer.add_scalar(f"train/{name}", float(value), step)
                     writer.add_scalar("train/examples_per_second",
                                       config.optim.batch_size / seconds, step)
+                    lr = float(head_lr(step - 1))  # the rate this step's update ran at
+                    writer.add_scalar("train/lr", lr, step)
                     with open(workdir / "train_metrics.jsonl", "a") as log:
-                        log.write(json.dumps({"step": step, **{k: float(v) for k, v in
-                                                               stats.items()}}) + "\n")
+                        log.write(json.dumps({"step": step, "lr": lr, **{
+                            k: float(v) for k, v in stats.items()}}) + "\n")
                 bar.set_postfix(loss=f"{stats['loss']:.3f}",
                                 ex_per_s=f"{config.optim.batch_size / seconds:.1f}")
                 bar.update(1)

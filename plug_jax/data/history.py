@@ -9,6 +9,7 @@ file, never a stale one.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -53,6 +54,21 @@ class HistoryTable:
         return np.where(mask[..., None], vectors, 0.0).astype(np.float32), mask
 
 
+def _key_array(keys: Sequence[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), 16)
+
+
+def _encode_all(texts: Sequence[str], encode: EncodeFn, width: int, batch_size: int,
+                progress: bool) -> np.ndarray:
+    chunks = []
+    with tqdm(total=len(texts), desc="embedding history", unit="text", disable=not progress) as bar:
+        for start in range(0, len(texts), batch_size):
+            batch = texts[start:start + batch_size]
+            chunks.append(np.asarray(encode(batch), np.float32))
+            bar.update(len(batch))
+    return np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+
+
 def cache_path(cache_dir: str | Path, encoder_id: str, texts: Sequence[str]) -> Path:
     digest = hashlib.blake2b(digest_size=12)
     digest.update(encoder_id.encode("utf-8"))
@@ -70,16 +86,56 @@ def build_history_table(histories: Iterable[Sequence[str]], encode: EncodeFn, wi
     if path.exists():
         tensors = load_file(str(path))
         return HistoryTable(tensors["embeddings"], tensors["keys"], path)
-    chunks = []
-    with tqdm(total=len(texts), desc="embedding history", unit="text", disable=not progress) as bar:
-        for start in range(0, len(texts), batch_size):
-            batch = texts[start:start + batch_size]
-            chunks.append(np.asarray(encode(batch), np.float32))
-            bar.update(len(batch))
-    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
-    keys = np.frombuffer(b"".join(_text_key(t) for t in texts), np.uint8).reshape(len(texts), 16)
+    embeddings = _encode_all(texts, encode, width, batch_size, progress)
+    keys = _key_array([_text_key(t) for t in texts])
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     save_file({"embeddings": embeddings, "keys": keys}, str(partial))
     partial.rename(path)
     return HistoryTable(embeddings, keys, path)
+
+
+class TextEmbeddingCache:
+    """Embeddings of single history texts, each encoded once: a user's second request costs no
+    encoding, and a new history item costs only its own. With a directory, what is encoded is
+    kept on disk (one shard per batch of new texts, under a subdirectory named by the encoder)
+    and read back by later processes."""
+
+    def __init__(self, encode: EncodeFn, width: int, encoder_id: str,
+                 cache_dir: str | Path | None = None, batch_size: int = 64):
+        self.encode, self.width, self.batch_size = encode, width, batch_size
+        self.directory = None
+        self._vectors: dict[bytes, np.ndarray] = {}
+        if cache_dir is not None:
+            digest = hashlib.blake2b(encoder_id.encode("utf-8"), digest_size=12).hexdigest()
+            self.directory = Path(cache_dir) / f"texts-{digest}"
+            for shard in sorted(self.directory.glob("*.safetensors")):
+                tensors = load_file(str(shard))
+                self._vectors.update(zip(map(bytes, tensors["keys"]), tensors["embeddings"]))
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def table(self, texts: Iterable[str], progress: bool = False) -> HistoryTable:
+        """A HistoryTable of these texts, encoding those not seen before."""
+        distinct = sorted(set(texts))
+        keys = [_text_key(text) for text in distinct]
+        missing = [(key, text) for key, text in zip(keys, distinct) if key not in self._vectors]
+        if missing:
+            new_keys = [key for key, _ in missing]
+            embeddings = _encode_all([text for _, text in missing], self.encode, self.width,
+                                     self.batch_size, progress)
+            self._vectors.update(zip(new_keys, embeddings))
+            self._save(_key_array(new_keys), embeddings)
+        embeddings = (np.stack([self._vectors[key] for key in keys]) if keys
+                      else np.zeros((0, self.width), np.float32))
+        return HistoryTable(embeddings, _key_array(keys))
+
+    def _save(self, keys: np.ndarray, embeddings: np.ndarray) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = hashlib.blake2b(keys.tobytes(), digest_size=12).hexdigest()
+        partial = self.directory / f"{name}.{os.getpid()}.partial"
+        save_file({"embeddings": embeddings, "keys": keys}, str(partial))
+        partial.rename(self.directory / f"{name}.safetensors")
