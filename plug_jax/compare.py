@@ -7,7 +7,8 @@
 Each method runs in <workdir>/<method>/seed<N>: trained methods (plug_jax/methods.py) train once
 per seed, with config.seed = N (the plug's init and the data order); the others are
 deterministic and run once. A run with metrics.json is done: rerunning resumes the rest. Writes
-compare.json, `{method: {split: {metric: {"mean", "std", "seeds"}}}}`, and compare.md: the table
+compare.json, `{method: {split: {metric: {"mean", "std", "seeds"}}}}`, report.md (the headline
+metric's figure, mean and std over seeds), and compare.md: the table
 (mean ± sample std over seeds), wall times, the command, and whether PPlug's difference from the
 best baseline is significant over questions (paired t-test on per-question errors or ROUGE,
 McNemar on right/wrong answers; per-question scores averaged over seeds; accuracy: seed 0).
@@ -27,7 +28,8 @@ from typing import Sequence
 import numpy as np
 from absl import flags
 
-from plug_jax import cli, evaluate, experiment, methods, metrics, significance, train
+from plug_jax import (cli, evaluate, experiment, methods, metrics, report, significance,
+                      train)
 from plug_jax.data import lamp
 
 METHODS = flags.DEFINE_list("methods", ["majority", "profile", "zero_shot", "instruction", "pplug"],
@@ -171,6 +173,7 @@ def compare(config, workdir: str | Path, method_names: Sequence[str], seeds: int
     (workdir / "significance.json").write_text(json.dumps(tests, indent=2) + "\n")
     markdown = format_markdown(task, table, tests, seconds, command, time.time() - started)
     (workdir / "compare.md").write_text(markdown)
+    report.write_compare_report(workdir, task.name, table)
     cli.echo(markdown)
     return table
 

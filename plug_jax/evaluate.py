@@ -141,20 +141,31 @@ def target_nll(experiment, plug_params, examples: Sequence[lamp.Example]) -> flo
     return total / max(count, 1.0)
 
 
-def attention_entropy(experiment, plug_params, examples: Sequence[lamp.Example]) -> dict:
-    """Mean entropy (nats) of the aggregator's weights over users with 2+ history items, beside
-    the uniform weights' (log n): near-equal figures say the input-aware attention is not used."""
+def attention_weights(experiment, plug_params, examples: Sequence[lamp.Example]
+                      ) -> list[np.ndarray]:
+    """Per example, the aggregator's weights over its most recent max_history items (oldest
+    first; as many as the example has)."""
     weights_fn = jax.jit(lambda params, batch: experiment.embedder.apply(
         {"params": params}, batch["query_tokens"], batch["query_mask"], batch["history"],
         batch["history_mask"], return_weights=True)[1])
-    entropy, uniform = [], []
+    per_example = []
     for batch in eval_batches(experiment, examples):
         weights = np.asarray(weights_fn(plug_params, batch))
-        counts = batch["history_mask"].sum(axis=1)
-        keep = batch["example_mask"] & (counts >= 2)
-        logs = np.log(np.where(weights > 0, weights, 1.0))
-        entropy.extend(-(weights * logs).sum(axis=1)[keep])
-        uniform.extend(np.log(counts[keep]))
+        counts = batch["history_mask"].sum(axis=1)  # the items are a prefix of the rows
+        per_example.extend(row[:count] for row, count, real in
+                           zip(weights, counts, batch["example_mask"]) if real)
+    return per_example
+
+
+def attention_entropy(experiment, plug_params, examples: Sequence[lamp.Example]) -> dict:
+    """Mean entropy (nats) of the aggregator's weights over users with 2+ history items, beside
+    the uniform weights' (log n): near-equal figures say the input-aware attention is not used."""
+    entropy, uniform = [], []
+    for weights in attention_weights(experiment, plug_params, examples):
+        if len(weights) >= 2:
+            logs = np.log(np.where(weights > 0, weights, 1.0))
+            entropy.append(-(weights * logs).sum())
+            uniform.append(np.log(len(weights)))
     return {"entropy": float(np.mean(entropy)) if entropy else float("nan"),
             "uniform_entropy": float(np.mean(uniform)) if uniform else float("nan"),
             "users": len(entropy)}

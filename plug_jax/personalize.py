@@ -299,7 +299,7 @@ def personalize() -> None:
               file=sys.stderr)
     if INPUT.value is None and not cli.OUT.value:
         return
-    outputs = personalizer.answer(examples, progress=True)
+    outputs = personalizer.answer(examples, progress=INPUT.value is None)
     if cli.OUT.value:
         lamp.write_predictions(cli.OUT.value, personalizer.task.name, [e.id for e in examples],
                                outputs)

@@ -27,9 +27,9 @@ import optax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from plug_jax import checkpoint, cli, evaluate, export, methods, preemption, sharding
+from plug_jax import checkpoint, cli, evaluate, export, methods, preemption, report, sharding
 from plug_jax import experiment as experiment_lib
-from plug_jax.data import grain_pipeline, pipeline
+from plug_jax.data import grain_pipeline, lamp, pipeline
 
 ENCODER_GROUP, HEAD_GROUP = "encoder", "head"
 
@@ -261,10 +261,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
         export.export_plug(plug_path, state["params"], export.plug_config_for(exp, step=steps))
         results = evaluate.evaluate(exp, state["params"], tuple(config.data.eval_splits), workdir,
                                     method=config.method, baselines=baselines, write=is_main)
-        attention = {}
+        attention, shown, shown_weights = {}, [], []
+        report_split = next((s for s in config.data.eval_splits if s in exp.splits), None)
         if exp.embedder.persona_tokens:  # is the input-aware attention used, or near uniform?
             attention = {split: evaluate.attention_entropy(exp, state["params"], exp.splits[split])
                          for split in config.data.eval_splits if split in exp.splits}
+            if report_split:  # on every process: the plug may be sharded over them
+                evaluated = exp.splits[report_split]
+                if config.data.max_eval_examples:
+                    evaluated = evaluated[:config.data.max_eval_examples]
+                shown = report.users_to_show(evaluated)
+                shown_weights = evaluate.attention_weights(exp, state["params"], shown)
         if writer:
             for method, by_split in results.items():
                 for split, values in by_split.items():
@@ -278,8 +285,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
                  f"uniform {values['uniform_entropy']:.3f} ({values['users']} users with 2+ items)")
     if is_main:
         (workdir / "attention.json").write_text(json.dumps(attention, indent=2) + "\n")
-        print(f"plug exported to {plug_path}; metrics written to "
-              f"{evaluate.write_metrics(results, workdir)}; {time.time() - started:.0f} s in all")
+        metrics_path = evaluate.write_metrics(results, workdir)
+        predictions = workdir / f"predictions_{config.method}_{report_split}.json"
+        users = report.attention_users(
+            shown, shown_weights, lamp.read_outputs(predictions)[1]
+            if shown and predictions.exists() else {})
+        report_path = report.write_run_report(workdir, exp.task.name, method=config.method,
+                                              users=users, split=report_split or "")
+        print(f"plug exported to {plug_path}; metrics written to {metrics_path}; report: "
+              f"{report_path}; {time.time() - started:.0f} s in all")
     return RunResult(exp, state, results, losses, update._cache_size(), start)
 
 

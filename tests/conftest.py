@@ -41,3 +41,18 @@ def sharp_tiny_t5(monkeypatch):
         return dataclasses.replace(checkpoint, load=load)
 
     monkeypatch.setattr(llm, "_find_checkpoint", sharp)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(tmp_path_factory):
+    """(workdir, train.RunResult) of 2 tiny training steps, evaluated on a few dev questions:
+    what the plug's users (personalize) and the run's report read."""
+    from configs import lamp3
+    from plug_jax import train
+
+    config = lamp3.get_config("tiny")
+    config.optim.max_steps = 2
+    config.data.eval_splits = ("dev",)
+    config.data.max_eval_examples = 6
+    workdir = tmp_path_factory.mktemp("tiny_trained_run")
+    return workdir, train.run(config, workdir)
