@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+from matplotlib.ticker import MaxNLocator
 
 from plug_jax import metrics
 from plug_jax.data import lamp
@@ -22,7 +23,7 @@ from plug_jax.data import lamp
 USERS_SHOWN = 3
 ITEMS_SHOWN = 8       # per user: the most attended items
 LABEL_CHARS = 48      # an item's first words on the figure
-ANSWER_CHARS = 40
+ANSWER_CHARS = 56
 
 
 def _short(text: str, chars: int) -> str:
@@ -47,6 +48,7 @@ def loss_figure(records: Sequence[Mapping[str, float]], path: Path) -> Path:
     lr_axes.set_ylabel("learning rate")
     lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     lr_axes.set_xlabel("training step")
+    lr_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     lr_axes.grid(alpha=0.3)
     figure.savefig(path, dpi=120)
     return path
@@ -65,16 +67,19 @@ def metric_figure(results: Mapping[str, Any], task_name: str, path: Path) -> Pat
     splits = sorted({split for by_split in results.values() for split in by_split})
     methods = list(results)
     figure = Figure(figsize=(4 + 3 * len(splits), 1.2 + 0.45 * len(methods)), layout="constrained")
-    for axes, split in zip(np.atleast_1d(figure.subplots(1, len(splits), sharey=True)), splits):
+    all_axes = np.atleast_1d(figure.subplots(1, len(splits), sharey=True))
+    all_axes[0].invert_yaxis()  # shared: the first method on top in every panel
+    for axes, split in zip(all_axes, splits):
         rows = [(m, _mean_std(results[m][split][headline.name])) for m in methods
                 if split in results[m]]
         means = [mean for _, (mean, _, _) in rows]
         stds = [std for _, (_, std, _) in rows]
         y = np.arange(len(rows))
-        axes.barh(y, means, xerr=stds if any(stds) else None, color="tab:blue", alpha=0.8,
-                  capsize=4)
-        axes.set_yticks(y, [f"{m} (n={n})" if n > 1 else m for m, (_, _, n) in rows])
-        axes.invert_yaxis()
+        axes.barh(y, means, color="tab:blue", alpha=0.8)
+        spread = [row for row, std in enumerate(stds) if std]
+        axes.errorbar([means[r] for r in spread], spread, xerr=[stds[r] for r in spread],
+                      fmt="none", ecolor="black", capsize=4)
+        axes.set_yticks(y, [f"{m} ({n} seeds)" if n > 1 else m for m, (_, _, n) in rows])
         for row, (mean, std) in enumerate(zip(means, stds)):
             axes.annotate(f"{mean:.3f}" + (f" ± {std:.3f}" if std else ""), (mean + std, row),
                           xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
@@ -94,13 +99,17 @@ def attention_figure(users: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
 
 def draw_attention(users: Sequence[Mapping[str, Any]]) -> Figure:
-    heights = [0.9 + 0.32 * min(len(u["items"]), ITEMS_SHOWN) for u in users]
+    heights = [1.2 + 0.32 * min(len(u["items"]), ITEMS_SHOWN) for u in users]
     figure = Figure(figsize=(8, 0.6 + sum(heights)), layout="constrained")
     all_axes = np.atleast_1d(figure.subplots(len(users), 1, height_ratios=heights))
     for axes, user in zip(all_axes, users):
         items = sorted(user["items"], key=lambda item: -item["weight"])[:ITEMS_SHOWN]
         y = np.arange(len(items))
-        axes.barh(y, [item["weight"] for item in items], color="tab:green", alpha=0.8)
+        weights = [item["weight"] for item in items]
+        axes.barh(y, weights, color="tab:green", alpha=0.8)
+        for row, weight in enumerate(weights):
+            axes.annotate(f"{weight:.3f}", (weight, row), xytext=(3, 0),
+                          textcoords="offset points", va="center", fontsize=7)
         axes.axvline(1 / len(user["items"]), color="gray", linestyle="--", linewidth=1,
                      label="uniform")
         axes.set_yticks(y, [item["caption"] for item in items], fontsize=8)
@@ -109,8 +118,8 @@ def draw_attention(users: Sequence[Mapping[str, Any]]) -> Figure:
         shown = (f"top {len(items)} of {len(user['items'])} items"
                  if len(items) < len(user["items"]) else f"{len(items)} items")
         gold, predicted = (_short(user[key], ANSWER_CHARS) for key in ("gold", "predicted"))
-        axes.set_title(f"{_short(user['id'], 30)} ({shown}): gold {gold!r}, "
-                       f"predicted {predicted!r}", fontsize=9)
+        axes.set_title(f"{_short(user['id'], 60)} ({shown})\ngold: {gold!r}\n"
+                       f"predicted: {predicted!r}", fontsize=9)
         axes.legend(loc="lower right", fontsize=7)
         axes.grid(axis="x", alpha=0.3)
     all_axes[-1].set_xlabel("attention weight over the user's history (sums to 1)")

@@ -18,7 +18,8 @@ def test_training_writes_a_report_with_figures(tiny_trained_run):
         assert f"]({name})" in text
         image = imread(workdir / name)
         assert image.ndim == 3 and min(image.shape[:2]) > 200 and image.std() > 0
-    records = [json.loads(line) for line in (workdir / "train_metrics.jsonl").read_text().split()]
+    log = (workdir / "train_metrics.jsonl").read_text()
+    records = [json.loads(line) for line in log.splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all("lr" in r for r in records)
     assert records[0]["lr"] == 0.0 and records[1]["lr"] > 0  # linear warmup from 0
 
