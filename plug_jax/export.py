@@ -4,7 +4,9 @@
 
 An export is <out>/params (the plug's params, unboxed, gathered to host; no optimizer state, no
 LLM) and <out>/plug_config.json: the UserEmbedder's fields, enough to rebuild the module without
-the training run, and the run's settings needed to feed it. `load_plug(out)` reads it back.
+the training run, the run's settings needed to feed it, fingerprints of its LLM and encoder (their
+embedding RMS), and the whole run config ("run_config", which `plug_jax.personalize` rebuilds the
+run from). `load_plug(out)` reads it back.
 
 The command reads the latest (or the given) checkpoint of a training run. The plug's description
 comes from <workdir>/checkpoints/plug_config.json, which training writes, else from

@@ -1,8 +1,8 @@
 """Personalized answers from an exported plug, for any user: seen in training or not, with any
 history, an empty one included.
 
-  python -m plug_jax.personalize --plug RUN/plug --profile user.json --input "Great food, slow service."
-  python -m plug_jax.personalize --plug RUN/plug --questions test_questions.json --out test_outputs.json
+  python -m plug_jax.personalize --plug RUN/plug --profile user.json --input "Great food."
+  python -m plug_jax.personalize --plug RUN/plug --questions test_questions.json --out outputs.json
   python -m plug_jax.personalize --plug RUN/plug --questions q.json --emit_embeds q.safetensors
 
 The export carries the training run's config: the LLM, the encoder and the recipe (history
@@ -97,9 +97,10 @@ def compatibility_problem(plug_config: Mapping[str, Any], exp) -> str | None:
         if not math.isclose(rms, embedder["soft_token_rms"], rel_tol=FINGERPRINT_RTOL):
             return (f"the plug was trained for the LLM {trained['path']}, whose token embeddings "
                     f"differ from {here}'s (RMS {embedder['soft_token_rms']:.5g} vs {rms:.5g})")
-    encoder = dataclasses.asdict(exp.encoder_config)
-    differing = [f"{name} {embedder['encoder_config'].get(name)} vs {value}"
-                 for name, value in encoder.items() if embedder["encoder_config"].get(name) != value]
+    trained_encoder = embedder["encoder_config"]
+    differing = [f"{name} {trained_encoder.get(name)} vs {value}"
+                 for name, value in dataclasses.asdict(exp.encoder_config).items()
+                 if trained_encoder.get(name) != value]
     if differing:
         return (f"the plug was trained with the encoder {plug_config['encoder']['path']}, not "
                 f"{exp.config.encoder.path} ({', '.join(differing)})")

@@ -1,4 +1,5 @@
-"""The run's report: report.md with decodable PNGs; the attention figure names the items it shows."""
+"""The run's report: report.md with decodable PNGs; the attention figure names the items it
+shows."""
 
 import json
 
