@@ -160,7 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
     steps = total_steps(config, num_train)
     rows = sharding.process_rows(sharding.batch_sharding(mesh, rules, 1), config.optim.batch_size)
     cli.echo(f"{num_train} training examples, {steps} steps of batch {config.optim.batch_size}; "
-          f"history table: {len(exp.table)} texts ({exp.table.path})")
+             f"history table: {len(exp.table)} texts ({exp.table.path})")
 
     # ---------------------------------------------------------------- plug init + optimizer
     params = exp.init_plug_params(jax.random.key(config.seed), mesh)
@@ -177,7 +177,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
                                        "step": sharding.replicated(mesh)})(params)
         num_params = sum(x.size for x in jax.tree.leaves(params))
         cli.echo(f"plug parameters: {num_params / 1e6:.2f}M (LLM frozen: "
-              f"{sum(x.size for x in jax.tree.leaves(exp.llm_params)) / 1e6:.1f}M)")
+                 f"{sum(x.size for x in jax.tree.leaves(exp.llm_params)) / 1e6:.1f}M)")
 
         # ------------------------------------------------------------ resume
         export.write_run_plug_config(workdir, export.plug_config_for(exp))
@@ -238,14 +238,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
                 checkpointer.save(step, state, data_state=data_state, force=stop or step == steps)
                 if stop:
                     checkpointer.close()
-                    cli.echo(f"stopped by a signal at step {step}: checkpoint saved; rerun the same "
-                          "command to resume")
+                    cli.echo(f"stopped by a signal at step {step}: checkpoint saved; rerun the "
+                             "same command to resume")
                     raise SystemExit(0)
         batches.close()  # its prefetch thread would featurize on, beside evaluation's
         checkpointer.close()
         if losses:
-            cli.echo(f"loss: first {np.mean(losses[:5]):.4f} -> last {np.mean(losses[-5:]):.4f} "
-                  f"(mean of 5 steps)")
+            cli.echo(f"loss: first {np.mean(losses[:5]):.4f} -> last "
+                     f"{np.mean(losses[-5:]):.4f} (mean of 5 steps)")
 
         # ------------------------------------------------------------ export + evaluate
         plug_path = workdir / "plug"
