@@ -180,13 +180,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
 
 def format_train(result: dict) -> str:
     shapes, ours, peer = result["shapes"], result["ours"], result.get("peer")
-    rows = [("first call, s (ours: compile)", "first_call_s", "{:.2f}"),
-            (f"step, s (median of {len(ours['step_times_s'])})", "step_s", "{:.4f}"),
-            ("examples / s", "examples_per_s", "{:.2f}"),
-            ("target tokens / s", "target_tokens_per_s", "{:.1f}"),
-            ("GFLOP / s", "flops_per_s", "{:.2f}"),
-            ("loss of the first step", "first_loss", "{:.5f}"),
-            ("peak RSS, MiB (process so far)", "peak_rss_mb", "{:.0f}")]
+    rows = [("first call, s (ours: compile)", "first_call_s", "{:.2f}", 1),
+            (f"step, s (median of {len(ours['step_times_s'])})", "step_s", "{:.4f}", 1),
+            ("examples / s", "examples_per_s", "{:.2f}", 1),
+            ("target tokens / s", "target_tokens_per_s", "{:.1f}", 1),
+            ("GFLOP / s", "flops_per_s", "{:.2f}", 1e9),
+            ("loss of the first step", "first_loss", "{:.5f}", 1),
+            ("peak RSS, MiB (process so far)", "peak_rss_mb", "{:.0f}", 1)]
     machine_info = result["machine"]
     lines = [f"train step: {shapes['task']}, LLM {shapes['llm']} ({shapes['llm_params'] / 1e6:.1f}M "
              f"frozen), encoder {shapes['encoder']}, plug {shapes['plug_params'] / 1e6:.2f}M",
@@ -203,11 +203,11 @@ def format_train(result: dict) -> str:
                 if "torch" in machine_info else ""), ""]
     header = f"{'':34}{'ours (JAX)':>14}" + (f"{'torch':>14}{'torch/ours':>12}" if peer else "")
     lines.append(header)
-    for label, key, fmt in rows:
-        line = f"{label:34}{fmt.format(ours[key]):>14}"
+    for label, key, fmt, unit in rows:
+        line = f"{label:34}{fmt.format(ours[key] / unit):>14}"
         if peer:
             ratio = peer[key] / ours[key] if ours[key] else float("nan")
-            line += f"{fmt.format(peer[key]):>14}{ratio:>12.2f}"
+            line += f"{fmt.format(peer[key] / unit):>14}{ratio:>12.2f}"
         lines.append(line)
     return "\n".join(lines)
 

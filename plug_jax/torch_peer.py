@@ -91,7 +91,7 @@ def _projector(params: Any) -> nn.Sequential:
         linear = nn.Linear(*kernel.shape)
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(kernel.T.copy()))
-            linear.bias.copy_(torch.from_numpy(np.asarray(params[name]["bias"], np.float32)))
+            linear.bias.copy_(torch.from_numpy(np.array(params[name]["bias"], np.float32)))
         layers.append(linear)
     return nn.Sequential(layers[0], nn.GELU(), layers[1])
 
