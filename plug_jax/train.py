@@ -121,6 +121,30 @@ def to_global(batch: dict[str, np.ndarray], mesh, rules, batch_size: int) -> dic
             for name, value in batch.items()}
 
 
+def init_state(optimizer: optax.GradientTransformation, params: Any, mesh) -> dict:
+    """{"params", "opt", "step"}: Adam's moments sharded as their parameters (left to the
+    compiler, they would be replicated). Call inside the mesh and axis-rules context."""
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    return jax.jit(lambda p: {"params": p, "opt": optimizer.init(p),
+                              "step": jnp.zeros((), jnp.int32)},
+                   out_shardings={"params": param_shardings,
+                                  "opt": sharding.optimizer_state_shardings(
+                                      jax.eval_shape(optimizer.init, params), params,
+                                      param_shardings, mesh),
+                                  "step": sharding.replicated(mesh)})(params)
+
+
+def jit_update(exp, optimizer: optax.GradientTransformation, state: dict, mesh):
+    """The jitted `train_step` (state, llm_params, batch) -> (state, stats): the state is donated
+    and keeps its shardings step after step, so it compiles once; the frozen LLM is an argument."""
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(functools.partial(train_step, embedder=exp.embedder, llm=exp.llm,
+                                     optimizer=optimizer,
+                                     accum_steps=exp.config.optim.grad_accum_steps),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   donate_argnums=(0,))
+
+
 @dataclasses.dataclass
 class RunResult:
     experiment: Any
@@ -165,25 +189,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
     steps = total_steps(config, num_train)
     rows = sharding.process_rows(sharding.batch_sharding(mesh, rules, 1), config.optim.batch_size)
     cli.echo(f"{num_train} training examples, {steps} steps of batch {config.optim.batch_size}; "
-          f"history table: {len(exp.table)} texts ({exp.table.path})")
+             f"history table: {len(exp.table)} texts ({exp.table.path})")
 
     # ---------------------------------------------------------------- plug init + optimizer
     params = exp.init_plug_params(jax.random.key(config.seed), mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         optimizer = make_optimizer(config.optim, steps, config.plug.train_query_encoder)
         head_lr = lr_schedule(config.optim, steps, config.optim.lr)
-        # Adam's moments sharded as their parameters: left to the compiler, they are replicated.
-        param_shardings = jax.tree.map(lambda x: x.sharding, params)
-        state = jax.jit(lambda p: {"params": p, "opt": optimizer.init(p),
-                                   "step": jnp.zeros((), jnp.int32)},
-                        out_shardings={"params": param_shardings,
-                                       "opt": sharding.optimizer_state_shardings(
-                                           jax.eval_shape(optimizer.init, params), params,
-                                           param_shardings, mesh),
-                                       "step": sharding.replicated(mesh)})(params)
+        state = init_state(optimizer, params, mesh)
         num_params = sum(x.size for x in jax.tree.leaves(params))
         cli.echo(f"plug parameters: {num_params / 1e6:.2f}M (LLM frozen: "
-              f"{sum(x.size for x in jax.tree.leaves(exp.llm_params)) / 1e6:.1f}M)")
+                 f"{sum(x.size for x in jax.tree.leaves(exp.llm_params)) / 1e6:.1f}M)")
 
         # ------------------------------------------------------------ resume
         export.write_run_plug_config(workdir, export.plug_config_for(exp))
@@ -205,13 +221,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
             cli.echo(f"resumed from the checkpoint of step {start} in {workdir / 'checkpoints'}")
 
         # ------------------------------------------------------------ jitted update
-        # The state keeps its shardings step after step: one compilation.
-        state_shardings = jax.tree.map(lambda x: x.sharding, state)
-        update = jax.jit(functools.partial(train_step, embedder=exp.embedder, llm=exp.llm,
-                                           optimizer=optimizer,
-                                           accum_steps=config.optim.grad_accum_steps),
-                         out_shardings=(state_shardings, sharding.replicated(mesh)),
-                         donate_argnums=(0,))
+        update = jit_update(exp, optimizer, state, mesh)
 
         # ------------------------------------------------------------ training loop
         writer = SummaryWriter(str(workdir / "tensorboard")) if is_main else None
@@ -246,14 +256,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
                 checkpointer.save(step, state, data_state=data_state, force=stop or step == steps)
                 if stop:
                     checkpointer.close()
-                    cli.echo(f"stopped by a signal at step {step}: checkpoint saved; rerun the same "
-                          "command to resume")
+                    cli.echo(f"stopped by a signal at step {step}: checkpoint saved; rerun the "
+                             "same command to resume")
                     raise SystemExit(0)
         batches.close()  # its prefetch thread would featurize on, beside evaluation's
         checkpointer.close()
         if losses:
-            cli.echo(f"loss: first {np.mean(losses[:5]):.4f} -> last {np.mean(losses[-5:]):.4f} "
-                  f"(mean of 5 steps)")
+            cli.echo(f"loss: first {np.mean(losses[:5]):.4f} -> last "
+                     f"{np.mean(losses[-5:]):.4f} (mean of 5 steps)")
 
         # ------------------------------------------------------------ export + evaluate
         plug_path = workdir / "plug"

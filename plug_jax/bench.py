@@ -1,0 +1,235 @@
+"""Benchmarks of our steps against the PyTorch way of running them.
+
+  python -m plug_jax.bench train --config configs/lamp3.py [--peer torch] [--steps N] [--out bench.json]
+
+The first argument names the benchmark (`BENCHMARKS`; `train` for now, `decode` and `embed` to
+come): a function (config, workdir, *, steps, warmup, peer) -> result dict, and one that formats
+the result as a table. The result, with the machine's description, goes to --out as JSON.
+
+train: the jitted update exactly as `train.run` builds it (donated state, the frozen LLM an
+argument) on one featurized batch of the config's shapes, and with --peer torch the same step in
+PyTorch (`plug_jax.torch_peer`), alternating step by step in this process, so that load from
+other jobs falls on both alike. Model FLOPs per step:
+  4 N T  +  6 P Q
+N: LLM parameters; T: LLM tokens of the batch (padded length + soft tokens, times batch size),
+each costing 2N forward and 2N in the activation-only backward (the LLM's weights get no
+gradient); P: plug parameters; Q: query-encoder tokens (padded), at 6P forward + backward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+
+from plug_jax import cli, sharding
+from plug_jax import experiment as experiment_lib
+from plug_jax import train as train_lib
+from plug_jax.data import pipeline
+
+PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time the same step in this framework.")
+STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the warm-up); the median is reported.")
+WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after the first call.")
+
+
+def machine() -> dict:
+    """Where the numbers were measured."""
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+            "load_average": os.getloadavg(), "python": platform.python_version(),
+            "jax": jax.__version__, "jax_backend": jax.default_backend(),
+            "jax_devices": [str(d) for d in jax.devices()]}
+    if "torch" in sys.modules:
+        import torch
+
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    return info
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+
+
+def count_params(tree: Any) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def train_flops(llm_params: int, plug_params: int, llm_tokens: int, query_tokens: int) -> int:
+    """Model FLOPs of one update: 2N forward + 2N activation-only backward per LLM token, and
+    6P per query token for the plug's own forward and backward."""
+    return 4 * llm_params * llm_tokens + 6 * plug_params * query_tokens
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    tick = time.perf_counter()
+    fn()
+    return time.perf_counter() - tick
+
+
+def _summary(step_times: Sequence[float], first_call_s: float, first_loss: float, examples: int,
+             target_tokens: float, flops: int) -> dict:
+    step = statistics.median(step_times)
+    return {"first_call_s": first_call_s, "step_s": step, "step_times_s": list(step_times),
+            "examples_per_s": examples / step, "target_tokens_per_s": target_tokens / step,
+            "flops_per_s": flops / step, "first_loss": first_loss}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
+          steps: int = 10, warmup: int = 1, peer: str | None = None) -> dict:
+    """Times the training update (and the peer's) on one batch of the config's shapes."""
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="plug_jax_bench_"))
+    mesh = sharding.make_mesh(config.mesh)
+    rules = [tuple(rule) for rule in config.axis_rules]
+    cli.echo(f"building the experiment: LLM {config.llm.path}, encoder {config.encoder.path}")
+    exp = experiment_lib.build(config, workdir, splits=(config.data.train_split,), mesh=mesh,
+                               progress=False)
+    examples = list(exp.splits[config.data.train_split])
+    batch_size = config.optim.batch_size
+    llm_length = pipeline.longest_llm_length(exp.llm, examples, config.data, with_targets=True)
+    features = pipeline.make_featurize(exp, llm_length)(
+        [examples[i % len(examples)] for i in range(batch_size)])
+    target_tokens = float(features["target_mask"].sum())
+    total_steps = train_lib.total_steps(config, len(examples))
+
+    params = exp.init_plug_params(jax.random.key(config.seed), mesh)
+    host_params = jax.device_get(params)  # for the peer: the update donates the state
+    num_soft = exp.embedder.num_soft_tokens
+    shapes = {"task": config.data.task, "llm": config.llm.path, "encoder": config.encoder.path,
+              "batch_size": batch_size, "llm_length": llm_length, "soft_tokens": num_soft,
+              "query_length": int(features["query_tokens"].shape[1]),
+              "history": int(features["history"].shape[1]), "target_tokens": target_tokens,
+              "llm_params": count_params(exp.llm_params), "plug_params": count_params(params)}
+    llm_tokens = batch_size * (llm_length + num_soft)
+    query_tokens = batch_size * shapes["query_length"]
+    flops = train_flops(shapes["llm_params"], shapes["plug_params"], llm_tokens, query_tokens)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        optimizer = train_lib.make_optimizer(config.optim, total_steps,
+                                             config.plug.train_query_encoder)
+        state = train_lib.init_state(optimizer, params, mesh)
+        update = train_lib.jit_update(exp, optimizer, state, mesh)
+        batch = train_lib.to_global(features, mesh, rules, batch_size)
+
+        def our_step():
+            nonlocal state
+            state, stats = update(state, exp.llm_params, batch)
+            return float(jax.block_until_ready(stats)["loss"])
+
+        cli.echo("compiling and running our first step...")
+        tick = time.perf_counter()
+        our_first_loss = our_step()
+        our_first_s = time.perf_counter() - tick
+        for _ in range(warmup):
+            our_step()
+        ours_rss = peak_rss_mb()
+
+        peer_model = peer_batch = None
+        if peer == "torch":
+            import torch
+
+            from plug_jax import torch_peer
+
+            torch.set_num_threads(len(os.sched_getaffinity(0)))
+            cli.echo(f"building the torch peer ({torch.get_num_threads()} threads)...")
+            peer_model = torch_peer.TorchPeer(exp, host_params, total_steps)
+            peer_batch = torch_peer.to_torch(features)
+            tick = time.perf_counter()
+            peer_first_loss = peer_model.step(peer_batch)
+            peer_first_s = time.perf_counter() - tick
+            for _ in range(warmup):
+                peer_model.step(peer_batch)
+        elif peer is not None:
+            raise ValueError(f"peer {peer!r}: expected 'torch' or None")
+
+        cli.echo(f"timing {steps} steps" + (" of each, alternating" if peer_model else ""))
+        our_times, peer_times = [], []
+        for _ in range(steps):
+            our_times.append(_seconds(our_step))
+            if peer_model is not None:
+                peer_times.append(_seconds(lambda: peer_model.step(peer_batch)))
+
+    result = {"benchmark": "train", "machine": machine(), "shapes": shapes,
+              "flops_per_step": flops,
+              "flops_formula": "4 * llm_params * llm_tokens + 6 * plug_params * query_tokens",
+              "flops_terms": {"llm_tokens": llm_tokens, "query_tokens": query_tokens},
+              "ours": {**_summary(our_times, our_first_s, our_first_loss, batch_size,
+                                  target_tokens, flops), "peak_rss_mb": ours_rss}}
+    if peer_model is not None:
+        result["peer"] = {"name": "torch",
+                          **_summary(peer_times, peer_first_s, peer_first_loss, batch_size,
+                                     target_tokens, flops),
+                          "peak_rss_mb": peak_rss_mb()}
+        result["peer_over_ours"] = result["peer"]["step_s"] / result["ours"]["step_s"]
+    return result
+
+
+def format_train(result: dict) -> str:
+    shapes, ours, peer = result["shapes"], result["ours"], result.get("peer")
+    rows = [("first call, s (ours: compile)", "first_call_s", "{:.2f}", 1),
+            (f"step, s (median of {len(ours['step_times_s'])})", "step_s", "{:.4f}", 1),
+            ("examples / s", "examples_per_s", "{:.2f}", 1),
+            ("target tokens / s", "target_tokens_per_s", "{:.1f}", 1),
+            ("GFLOP / s", "flops_per_s", "{:.2f}", 1e9),
+            ("loss of the first step", "first_loss", "{:.5f}", 1),
+            ("peak RSS, MiB (process so far)", "peak_rss_mb", "{:.0f}", 1)]
+    machine_info = result["machine"]
+    lines = [f"train step: {shapes['task']}, LLM {shapes['llm']} ({shapes['llm_params'] / 1e6:.1f}M "
+             f"frozen), encoder {shapes['encoder']}, plug {shapes['plug_params'] / 1e6:.2f}M",
+             f"batch {shapes['batch_size']} x ({shapes['llm_length']} LLM + "
+             f"{shapes['soft_tokens']} soft) tokens, query {shapes['query_length']} tokens, "
+             f"history {shapes['history']}, {shapes['target_tokens']:.0f} target tokens",
+             f"model FLOPs / step = 4 N T + 6 P Q = 4 x {shapes['llm_params']} x "
+             f"{result['flops_terms']['llm_tokens']} + 6 x {shapes['plug_params']} x "
+             f"{result['flops_terms']['query_tokens']} = {result['flops_per_step'] / 1e9:.2f} GFLOP",
+             f"machine: {machine_info['platform']}, {machine_info['usable_cpus']}/"
+             f"{machine_info['cpu_count']} CPUs, load {machine_info['load_average'][0]:.1f}; "
+             f"jax {machine_info['jax']} ({machine_info['jax_backend']})"
+             + (f", torch {machine_info['torch']} ({machine_info['torch_threads']} threads)"
+                if "torch" in machine_info else ""), ""]
+    header = f"{'':34}{'ours (JAX)':>14}" + (f"{'torch':>14}{'torch/ours':>12}" if peer else "")
+    lines.append(header)
+    for label, key, fmt, unit in rows:
+        line = f"{label:34}{fmt.format(ours[key] / unit):>14}"
+        if peer:
+            ratio = peer[key] / ours[key] if ours[key] else float("nan")
+            line += f"{fmt.format(peer[key] / unit):>14}{ratio:>12.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+BENCHMARKS: dict[str, tuple[Callable[..., dict], Callable[[dict], str]]] = {
+    "train": (train, format_train),
+}
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) != 2 or argv[1] not in BENCHMARKS:
+        raise SystemExit(f"usage: python -m plug_jax.bench {{{'|'.join(BENCHMARKS)}}} --config ...")
+    # First-call times are compile times only without the persistent compilation cache.
+    jax.config.update("jax_enable_compilation_cache", False)
+    run_benchmark, format_result = BENCHMARKS[argv[1]]
+    result = run_benchmark(cli.CONFIG.value, cli.WORKDIR.value, steps=STEPS.value,
+                           warmup=WARMUP.value, peer=PEER.value)
+    cli.echo(format_result(result))
+    if cli.OUT.value:
+        Path(cli.OUT.value).write_text(json.dumps(result, indent=2) + "\n")
+        cli.echo(f"written to {cli.OUT.value}")
+
+
+if __name__ == "__main__":
+    cli.run(main, "config")

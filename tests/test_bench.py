@@ -1,0 +1,61 @@
+"""plug_jax.bench: the train benchmark's timings and FLOP count, and the torch peer computing the
+same loss as ours on the same batch from the same plug init."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import lamp3
+from plug_jax import bench, experiment, train
+from plug_jax.data import pipeline
+
+
+def test_train_benchmark_times_steps_and_counts_flops(tmp_path):
+    config = lamp3.get_config("tiny")
+    result = bench.train(config, tmp_path, steps=2, warmup=0)
+    ours, shapes = result["ours"], result["shapes"]
+    assert len(ours["step_times_s"]) == 2 and min(ours["step_times_s"]) > 0
+    assert ours["first_call_s"] > 0 and ours["step_s"] > 0 and ours["peak_rss_mb"] > 0
+    assert np.isfinite(ours["first_loss"])
+
+    # By hand: the tiny Llama and the plug's parameter counts, the batch's padded token counts.
+    exp = experiment.build(config, tmp_path, splits=(config.data.train_split,), progress=False)
+    llm_params = sum(x.size for x in jax.tree.leaves(exp.llm_params))
+    plug_params = sum(x.size for x in jax.tree.leaves(exp.init_plug_params(jax.random.key(0))))
+    examples = exp.splits[config.data.train_split]
+    length = pipeline.longest_llm_length(exp.llm, examples, config.data, with_targets=True)
+    batch = config.optim.batch_size
+    expected = (4 * llm_params * batch * (length + 2)
+                + 6 * plug_params * batch * config.data.max_query_tokens)
+    assert (shapes["llm_params"], shapes["plug_params"]) == (llm_params, plug_params)
+    assert result["flops_per_step"] == expected
+    assert ours["flops_per_s"] == pytest.approx(expected / ours["step_s"])
+    assert "peer" not in result and result["machine"]["cpu_count"] >= 1
+    assert "ours (JAX)" in bench.format_train(result)
+
+
+@pytest.mark.parametrize("llm_path", ["tiny-llama", "smollm2"])
+def test_torch_peer_loss_equals_ours(llm_path, tmp_path):
+    torch = pytest.importorskip("torch")
+    from plug_jax import torch_peer
+
+    config = lamp3.get_config("tiny")
+    config.llm.path = llm_path
+    config.optim.batch_size = 2
+    exp = experiment.build(config, tmp_path, splits=(config.data.train_split,), progress=False)
+    examples = exp.splits[config.data.train_split][:2]
+    length = pipeline.longest_llm_length(exp.llm, examples, config.data, with_targets=True)
+    features = pipeline.make_featurize(exp, length)(examples)
+    params = exp.init_plug_params(jax.random.key(0))
+
+    loss_sum, count = jax.jit(lambda p, llm_params, b: train.loss_fn(
+        p, llm_params, b, embedder=exp.embedder, llm=exp.llm))(params, exp.llm_params, features)
+    ours = float(loss_sum / count)
+    torch.manual_seed(0)
+    peer = torch_peer.TorchPeer(exp, jax.device_get(params), total_steps=4)
+    assert not any(p.requires_grad for p in peer.llm.parameters())
+    batch = torch_peer.to_torch(features)
+    theirs = peer.loss(batch)
+    print(f"{llm_path}: loss ours {ours:.6f}, torch {theirs:.6f}")
+    assert abs(ours - theirs) <= 1e-4
+    assert peer.step(batch) == pytest.approx(theirs, abs=1e-6)  # a step reports the loss before it
