@@ -17,21 +17,29 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import math
 import re
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 
-import bm25s
 import numpy as np
-from bm25s.stopwords import STOPWORDS_EN
 
 from plug_jax.data.lamp import Example, Task, get_task, lamp1_parts
 
 METHODS = ("majority", "profile")
 
-logging.getLogger("bm25s").setLevel(logging.WARNING)  # a DEBUG line per index otherwise
+
+
+@functools.cache
+def _bm25s():
+    """bm25s, imported on first use: importing it starts JAX's backend (it can score with JAX),
+    which must wait for jax.distributed in multi-host runs."""
+    import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # a DEBUG line per index otherwise
+    return bm25s
 
 # The profile field that holds what the user wrote as output: a past headline, title or tweet.
 OUTPUT_FIELD = {"LaMP_4": "title", "LaMP_5": "title", "LaMP_7": "text"}
@@ -120,10 +128,16 @@ def _or_empty(text: str | None) -> str:
 
 def content_words(text: str) -> set[str]:
     """Lowercased words of 2+ characters without English stopwords (bm25s's tokenization)."""
-    return {word for word in re.findall(r"\b\w\w+\b", text.lower()) if word not in _STOPWORDS}
+    stopwords = _stopwords()
+    return {word for word in re.findall(r"\b\w\w+\b", text.lower()) if word not in stopwords}
 
 
-_STOPWORDS = frozenset(STOPWORDS_EN)
+@functools.cache
+def _stopwords() -> frozenset[str]:
+    _bm25s()
+    from bm25s.stopwords import STOPWORDS_EN
+
+    return frozenset(STOPWORDS_EN)
 
 
 def _closer_reference(task: Task, example: Example) -> str | None:
@@ -190,6 +204,7 @@ def retrieve(task: str | Task, example: Example, k: int) -> list[int]:
 
 
 def _bm25_scores(texts: list[str], query: str) -> np.ndarray:
+    bm25s = _bm25s()
     tokenized = bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
     query_tokens = bm25s.tokenize([query], stopwords="en", return_ids=False,
                                   show_progress=False)[0]
