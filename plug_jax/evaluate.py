@@ -147,7 +147,7 @@ def attention_weights(experiment, plug_params, examples: Sequence[lamp.Example]
     first; as many as the example has)."""
     weights_fn = jax.jit(lambda params, batch: experiment.embedder.apply(
         {"params": params}, batch["query_tokens"], batch["query_mask"], batch["history"],
-        batch["history_mask"], return_weights=True)[1])
+        batch["history_mask"], return_weights=True)[1], **_replicated_outputs(experiment))
     per_example = []
     for batch in eval_batches(experiment, examples):
         weights = np.asarray(weights_fn(plug_params, batch))
