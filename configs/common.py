@@ -118,9 +118,14 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         weight_decay_mask="all",   # 'all' | 'no_bias_norm' (Hugging Face Trainer, the reference)
         warmup_rounding="floor",   # warmup steps: 'floor' | 'ceil' (Hugging Face Trainer)
     )
-    # method: 'greedy', 'beam', or 'score': a task with labels (LaMP-1/2/3) answers with its most
-    # likely label, which needs one pass over the prompt instead of generating.
-    config.decode = dict(method="score" if lamp.get_task(task).labels else "greedy", num_beams=4,
+    # method: 'greedy', 'beam', or 'score': a task with labels (LaMP-1/2/3) answers with a label
+    # chosen from their likelihoods, which needs one pass over the prompt instead of generating.
+    # label_choice: 'likeliest'; for LaMP-3's scores 'median' (least expected absolute error)
+    # or 'mean' (least expected squared error): plug_jax.evaluate.choose_labels.
+    config.decode = dict(method="score" if lamp.get_task(task).labels else "greedy",
+                         label_choice=("median" if lamp.get_task(task).kind == "regression"
+                                       else "likeliest"),
+                         num_beams=4,
                          max_new_tokens=lamp.get_task(task).max_new_tokens,
                          eval_batch_size=16)
     config.checkpoint = dict(save_every=200, max_to_keep=3, async_save=True)
@@ -161,7 +166,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
                             batch_size=64, epochs=1.0 if task == "LaMP_3" else 2.0, max_steps=0,
                             grad_clip=0.0, weight_decay_mask="no_bias_norm",
                             warmup_rounding="ceil")
-        config.decode.update(method="beam", num_beams=4,
+        config.decode.update(method="beam", label_choice="likeliest", num_beams=4,
                              max_new_tokens=10 if task == "LaMP_3" else 128, eval_batch_size=64)
         config.mesh = dict(data=1, fsdp=-1, tensor=1)
         config.log_every = 50

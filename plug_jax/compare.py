@@ -28,8 +28,8 @@ from typing import Sequence
 import numpy as np
 from absl import flags
 
-from plug_jax import (cli, evaluate, experiment, methods, metrics, report, significance,
-                      train)
+from plug_jax import (cli, evaluate, experiment, export, methods, metrics, report,
+                      significance, train)
 from plug_jax.data import lamp
 
 METHODS = flags.DEFINE_list("methods", ["majority", "profile", "zero_shot", "instruction", "pplug"],
@@ -45,9 +45,20 @@ def _run_one(config, method: methods.Method, seed: int, rundir: Path) -> dict:
         return json.loads(done.read_text())
     config = copy.deepcopy(config)
     config.method, config.seed = method.name, seed
+    if method.label_choice:
+        config.decode.label_choice = method.label_choice
     started = time.time()
     splits = tuple(config.data.eval_splits)
-    if method.trains:
+    if method.trains and method.label_choice:  # the base method's plug, answering another way
+        trained = rundir.parent.parent / methods.base_name(method.name) / rundir.name
+        _run_one(config, methods.get(methods.base_name(method.name)), seed, trained)
+        rundir.mkdir(parents=True, exist_ok=True)
+        exp = experiment.build(config, rundir)
+        _, plug_params = export.load_plug(trained / "plug")
+        results = evaluate.evaluate(exp, plug_params, splits, rundir, method=method.name,
+                                    baselines=())
+        evaluate.write_metrics(results, rundir)
+    elif method.trains:
         results = train.run(config, rundir, baselines=()).metrics
     else:
         rundir.mkdir(parents=True, exist_ok=True)

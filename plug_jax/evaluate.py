@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+import scipy.special
 from absl import flags
 from tqdm import tqdm
 
@@ -112,6 +113,34 @@ def label_nll(label_nll_fn, experiment, plug_params, examples: Sequence[lamp.Exa
     return np.concatenate(scores) if scores else np.zeros((0, len(labels)))
 
 
+LABEL_CHOICES = ("likeliest", "median", "mean")
+
+
+def choose_labels(nll: np.ndarray, labels: Sequence[str], rule: str) -> list[str]:
+    """One answer per row of [examples, labels] negative log-likelihoods.
+
+    likeliest: the most likely label. For numeric labels (LaMP-3's scores) the LLM's distribution
+    over them, p = softmax(-nll), gives the answers that minimise the expected error instead:
+    median, the absolute error's (a label), and mean, the squared error's (a number such as
+    "4.27"; LaMP's metric reads any number).
+    """
+    if rule == "likeliest":
+        return [labels[i] for i in np.argmin(nll, axis=1)]
+    if rule not in LABEL_CHOICES:
+        raise ValueError(f"decode.label_choice {rule!r}: expected one of {', '.join(LABEL_CHOICES)}")
+    try:
+        values = np.array([float(label) for label in labels])
+    except ValueError:
+        raise ValueError(f"decode.label_choice {rule!r} needs numeric labels, not "
+                         f"{list(labels)}") from None
+    order = np.argsort(values)
+    probs = scipy.special.softmax(-np.asarray(nll, np.float64)[:, order], axis=1)
+    if rule == "mean":
+        return [f"{value:.2f}" for value in probs @ values[order]]
+    median = np.argmax(np.cumsum(probs, axis=1) >= 0.5, axis=1)
+    return [labels[order[i]] for i in median]
+
+
 def answer(experiment, plug_params, examples: Sequence[lamp.Example], *, desc: str,
            generate_fn=None, label_nll_fn=None) -> list[str]:
     """The LLM's answers (personalized when there are plug params), as config.decode says:
@@ -120,7 +149,7 @@ def answer(experiment, plug_params, examples: Sequence[lamp.Example], *, desc: s
     if experiment.config.decode.method == "score" and labels:
         nll = label_nll(label_nll_fn or make_label_nll_fn(experiment), experiment, plug_params,
                         examples, labels, desc=desc)
-        return [labels[i] for i in np.argmin(nll, axis=1)]
+        return choose_labels(nll, labels, experiment.config.decode.label_choice)
     return predict(generate_fn or make_generate_fn(experiment), experiment, plug_params,
                    examples, desc=desc)
 

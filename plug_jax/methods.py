@@ -17,6 +17,7 @@ class Method:
     uses_llm: bool = True
     plug: str | None = None   # None: the frozen LLM alone; "instruction": that token only; "persona"
     retrieval: bool = False   # the user's top BM25 history items written into the prompt
+    label_choice: str = ""    # "method@rule": answers chosen by decode.label_choice=rule
 
     @property
     def trains(self) -> bool:
@@ -41,6 +42,18 @@ METHODS = {method.name: method for method in (
 
 
 def get(name: str) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    return METHODS[name]
+    """A method by name; "pplug@mean" is pplug answering by decode.label_choice "mean" (compare
+    evaluates it with the plug that "pplug" trained, under the same seed)."""
+    base, _, rule = name.partition("@")
+    if base not in METHODS:
+        raise ValueError(f"unknown method {base!r}; known: {', '.join(METHODS)}")
+    if not rule:
+        return METHODS[base]
+    if not METHODS[base].uses_llm:
+        raise ValueError(f"method {name!r}: {base} answers without the LLM's label likelihoods")
+    return dataclasses.replace(METHODS[base], name=name, label_choice=rule)
+
+
+def base_name(name: str) -> str:
+    """"pplug@mean" -> "pplug": the method whose trained plug "pplug@mean" reuses."""
+    return name.partition("@")[0]

@@ -69,3 +69,23 @@ def test_rerunning_resumes_what_is_done(compared):
     again = compare.compare(config, workdir, list(methods.METHODS), SEEDS, command="test")
     assert again == table
     assert {path: path.stat().st_mtime_ns for path in stamps} == stamps
+
+
+def test_a_decision_rule_variant_reuses_the_trained_plug(compared):
+    workdir, config, _ = compared
+    same = f"pplug@{config.decode.label_choice}"  # the rule pplug itself answered by
+    stamps = {path: path.stat().st_mtime_ns for path in (workdir / "pplug").rglob("*")}
+    table = compare.compare(config, workdir, ["pplug", same, "pplug@mean"], SEEDS, command="test")
+    assert {path: path.stat().st_mtime_ns for path in stamps} == stamps  # nothing retrained
+    for seed in range(SEEDS):
+        rundir = workdir / same / f"seed{seed}"
+        assert not (rundir / "checkpoints").exists()
+        _, same_rule = lamp.read_outputs(rundir / f"predictions_{same}_dev.json")
+        _, trained = lamp.read_outputs(
+            workdir / "pplug" / f"seed{seed}" / "predictions_pplug_dev.json")
+        assert same_rule == trained
+        _, means = lamp.read_outputs(
+            workdir / "pplug@mean" / f"seed{seed}" / "predictions_pplug@mean_dev.json")
+        assert all(1.0 <= float(value) <= 5.0 for value in means.values())
+        assert set(means.values()) - set(lamp.get_task("LaMP_3").labels)  # numbers, not labels
+    assert table[same]["dev"] == table["pplug"]["dev"]

@@ -2,9 +2,10 @@
 
 import math
 
+import numpy as np
 import pytest
 
-from plug_jax import metrics
+from plug_jax import evaluate, metrics
 
 
 def test_lamp1_accuracy_f1_with_an_unknown_label():
@@ -84,3 +85,19 @@ def test_headline_metric():
     for task in ("LaMP_1", "LaMP_2", "LaMP_3", "LaMP_4", "LaMP_5", "LaMP_7"):
         name = metrics.headline_metric(task).name
         assert name in metrics.evaluate(task, ["1"], ["1"])
+
+
+def test_label_choices_minimise_the_expected_error_by_hand():
+    labels = ("1", "2", "3", "4", "5")
+    probs = np.array([[0.1, 0.1, 0.1, 0.3, 0.4],     # median 4 (cumulative 0.6), mean 3.8
+                      [0.0, 0.0, 0.0, 0.0, 1.0],     # 5 by every rule
+                      [0.3, 0.1, 0.05, 0.1, 0.45]])  # likeliest 5, median 4 (0.55), mean 3.30
+    nll = -np.log(np.maximum(probs, 1e-30))
+    assert evaluate.choose_labels(nll, labels, "likeliest") == ["5", "5", "5"]
+    assert evaluate.choose_labels(nll, labels, "median") == ["4", "5", "4"]
+    assert evaluate.choose_labels(nll, labels, "mean") == ["3.80", "5.00", "3.30"]
+    shuffled = (4, 0, 2, 1, 3)  # the rules read label values, not their order
+    assert evaluate.choose_labels(nll[:, shuffled], [labels[i] for i in shuffled], "median") == [
+        "4", "5", "4"]
+    with pytest.raises(ValueError, match="numeric labels"):
+        evaluate.choose_labels(nll[:, :2], ["[1]", "[2]"], "median")

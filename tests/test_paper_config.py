@@ -76,6 +76,7 @@ def _paper_values(task):
         "optim.grad_clip": 0.0,
         # ModelForPer.py forward (eval): generate(num_beams=4, max_new_tokens=max_new_len).
         "decode.method": "beam",
+        "decode.label_choice": "likeliest",  # beam search generates: no label is chosen
         "decode.num_beams": 4,
         "decode.max_new_tokens": 10 if is_lamp3 else 128,
     }
@@ -99,6 +100,8 @@ def test_other_configs_keep_our_defaults():
             config.optim.weight_decay_mask, config.optim.warmup_rounding) == (
         "rms", "default", "recent", "input", "title_and_refs", 1.0, "all", "floor")
     assert config.plug.dropout == config.llm.dropout == 0.0
+    assert (config.decode.method, config.decode.label_choice) == ("score", "median")
+    assert common.lamp_config("LaMP_2", None).decode.label_choice == "likeliest"
 
 
 # --------------------------------------------------------------------------------------------
