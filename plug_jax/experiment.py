@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from plug_jax import llm as llm_lib, methods, plug, sharding
+from plug_jax import errors, llm as llm_lib, methods, plug, sharding
 from plug_jax.data import history as history_lib, lamp, synthetic
 from plug_jax.models import assets, bert, layers
 from plug_jax.models.loading import read_hf_config
@@ -100,7 +100,7 @@ def _split_reader(config: ml_collections.ConfigDict, workdir: str | Path, direct
     if source == "json":
         return lambda split: lamp.load_split(directory, split, config.data.task)
     if source != "tfds":
-        raise ValueError(f"config.data.source {source!r}: expected 'json' or 'tfds'")
+        raise errors.ConfigError(f"config.data.source {source!r}: expected 'json' or 'tfds'")
     from plug_jax.data import tfds_lamp  # TFDS only for this source
 
     tfds_dir = config.data.get("tfds_dir") or Path(workdir) / "tfds"
@@ -182,7 +182,7 @@ def _encoder_source(encoder: ml_collections.ConfigDict) -> tuple[bert.BertConfig
         return None, directory
     named = bert.NAMED_CONFIGS.get(encoder.path.rstrip("/").rsplit("/", 1)[-1].lower())
     if named is None:
-        raise FileNotFoundError(
+        raise errors.MissingFileError(
             f"config.encoder.path: {encoder.path} is not a directory ('minilm' for the embedded "
             f"default; names known without weights: {', '.join(bert.NAMED_CONFIGS)})")
     return dataclasses.replace(named, pooling=encoder.pooling or named.pooling), None
@@ -196,7 +196,7 @@ def load_encoder(encoder: ml_collections.ConfigDict, abstract: bool = False
         if abstract:
             return config, bert.abstract_params(config), directory
         if encoder.path != "tiny-bert":
-            raise FileNotFoundError(f"config.encoder.path: {encoder.path} names an encoder whose "
+            raise errors.MissingFileError(f"config.encoder.path: {encoder.path} names an encoder whose "
                                     "weights are not here; point it at a local directory")
         return config, bert.init_params(config, jax.random.key(1)), directory
     if abstract:

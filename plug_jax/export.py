@@ -20,7 +20,6 @@ import functools
 import importlib.metadata
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -33,7 +32,7 @@ import orbax.checkpoint as ocp
 from absl import flags
 from jax.experimental import multihost_utils
 
-from plug_jax import checkpoint, cli, plug
+from plug_jax import checkpoint, cli, errors, plug
 from plug_jax.models import bert
 from plug_jax.models.layers import unboxed
 
@@ -43,7 +42,7 @@ PARAMS_DIR = "params"  # under an exported plug's directory
 FORMAT = "plug_jax.plug/2"
 
 
-class PlugFormatError(ValueError):
+class PlugFormatError(errors.UserError):
     """A plug_config.json of a format this code does not read."""
 
 
@@ -208,7 +207,7 @@ def load_plug(path: str | Path, shardings: Any = None) -> tuple[dict, Any]:
     path = Path(path).absolute()
     config_path = path / PLUG_CONFIG_FILE
     if not config_path.exists():
-        raise FileNotFoundError(f"{path}: not an exported plug (no {PLUG_CONFIG_FILE}; train "
+        raise errors.MissingFileError(f"{path}: not an exported plug (no {PLUG_CONFIG_FILE}; train "
                                 f"first, or python -m plug_jax.export --workdir RUN --out {path})")
     plug_config = read_plug_config(config_path)
     abstract = abstract_plug_params(user_embedder_from_config(plug_config))
@@ -238,7 +237,7 @@ def run_plug_config(workdir: Path) -> dict:
         return read_plug_config(path)
     config_path = workdir / "config.json"
     if not config_path.exists():
-        raise FileNotFoundError(f"{workdir}: neither {checkpoint.CHECKPOINT_DIR}/"
+        raise errors.MissingFileError(f"{workdir}: neither {checkpoint.CHECKPOINT_DIR}/"
                                 f"{PLUG_CONFIG_FILE} nor config.json (not a training run?)")
     print(f"plug description: rebuilt from {config_path} (loading the LLM for its width and "
           f"embedding RMS)")
@@ -252,10 +251,10 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Pat
     checkpoints = workdir / checkpoint.CHECKPOINT_DIR
     steps = checkpoint.checkpoint_steps(workdir)
     if not steps:
-        raise FileNotFoundError(f"{checkpoints}: no training checkpoint")
+        raise errors.MissingFileError(f"{checkpoints}: no training checkpoint")
     print(f"checkpoints in {checkpoints}: steps {steps}")
     if step is not None and step not in steps:
-        raise FileNotFoundError(f"{checkpoints}: no checkpoint of step {step} (have {steps})")
+        raise errors.MissingFileError(f"{checkpoints}: no checkpoint of step {step} (have {steps})")
     plug_config = run_plug_config(workdir)
     abstract = abstract_plug_params(user_embedder_from_config(plug_config))
     params, step = checkpoint.restore_params(workdir, abstract, step)  # numpy, on this host
@@ -272,11 +271,7 @@ STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export; default th
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    try:
-        export(cli.WORKDIR.value, cli.OUT.value, STEP.value)
-    except (FileNotFoundError, PlugFormatError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    export(cli.WORKDIR.value, cli.OUT.value, STEP.value)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from plug_jax import decode
+from plug_jax import decode, errors
 from plug_jax.models import assets, llama, t5
 from plug_jax.models.chat import ChatTemplate
 from plug_jax.models.loading import read_hf_config
@@ -93,7 +93,7 @@ class DecoderOnlyLM(_TargetLoss):
 
     def __post_init__(self):
         if self.soft_token_position not in ("after_chat_header", "start"):
-            raise ValueError(f"config.llm.soft_token_position must be 'after_chat_header' or 'start', "
+            raise errors.ConfigError(f"config.llm.soft_token_position must be 'after_chat_header' or 'start', "
                              f"got {self.soft_token_position!r}")
         if self.chat.end_of_turn_id is None:
             raise ValueError("the LLM's tokenizer has no end-of-turn or EOS token to end answers with")
@@ -341,7 +341,7 @@ def _find_checkpoint(path: str) -> _Checkpoint:
     named = t5.NAMED_CONFIGS.get(path.rstrip("/").rsplit("/", 1)[-1].lower())
     if named is not None:  # the weights are not here: plan with the shapes alone
         return _Checkpoint(t5, named, None, None)
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"config.llm.path: {path} does not exist (a .gguf file or an HF checkpoint directory; "
         f"'smollm2' for the embedded default; names known without weights: "
         f"{', '.join(t5.NAMED_CONFIGS)})")
@@ -366,7 +366,7 @@ def build_llm(llm_config: ml_collections.ConfigDict, *, abstract: bool = False, 
         return (_adapter(checkpoint, checkpoint.config, llm_config),
                 checkpoint.family.abstract_params(checkpoint.config, dtype))
     if checkpoint.load is None:
-        raise FileNotFoundError(f"config.llm.path: {llm_config.path} names a model whose weights "
+        raise errors.MissingFileError(f"config.llm.path: {llm_config.path} names a model whose weights "
                                 "are not here; point it at a local Hugging Face directory")
     shardings = None
     if mesh is not None:  # a function of the config, which the checkpoint may refine (T5's head)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from plug_jax import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:
@@ -42,5 +44,5 @@ METHODS = {method.name: method for method in (
 
 def get(name: str) -> Method:
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+        raise errors.ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
     return METHODS[name]

@@ -27,7 +27,8 @@ import optax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from plug_jax import checkpoint, cli, evaluate, export, methods, preemption, report, sharding
+from plug_jax import checkpoint, cli, errors, evaluate, export, methods, preemption, report
+from plug_jax import sharding
 from plug_jax import experiment as experiment_lib
 from plug_jax.data import grain_pipeline, lamp, pipeline
 
@@ -160,7 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
     """Trains config.method's plug (resuming from the workdir's latest checkpoint), evaluates it
     against the baselines, and exports it. SIGTERM saves a checkpoint and exits."""
     if not methods.get(config.method).trains:
-        raise ValueError(f"config.method {config.method!r} trains nothing: evaluate it with "
+        raise errors.ConfigError(f"config.method {config.method!r} trains nothing: evaluate it with "
                          "python -m plug_jax.compare --methods ...")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from plug_jax import errors
 from plug_jax.data import lamp
 from plug_jax.data.lamp import Example
 from plug_jax.data.history import HistoryTable
@@ -35,7 +36,7 @@ def query_text(example: Example, llm, data_config) -> str:
             return lamp.reference_query("LaMP_1", example.input, "title")
         return example.query
     if query_from != "truncated_input":
-        raise ValueError(f"query_from {query_from!r}: expected 'input' or 'truncated_input'")
+        raise errors.ConfigError(f"query_from {query_from!r}: expected 'input' or 'truncated_input'")
     text = example.input
     ids = llm.tokenizer.encode(text)
     if len(ids) > data_config.max_input_tokens - 1:

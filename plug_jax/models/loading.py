@@ -22,11 +22,13 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from plug_jax import errors
+
 Transform = Callable[[np.ndarray], np.ndarray]
 Rule = tuple[str, str, Transform | None]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError):
     """A checkpoint that cannot be loaded; the message is one line naming file and tensor."""
 
 

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
+from plug_jax.models.loading import CheckpointError
+
 # llama.cpp token types (gguf.TokenType): 3 = control (special), 4 = user defined (added, not special).
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -65,7 +67,7 @@ class Tokenizer:
                 if token_id is not None:
                     return token_id
             if explicit:
-                raise ValueError(f"{path}: token {explicit!r} is not in the vocabulary")
+                raise CheckpointError(f"{path}: token {explicit!r} is not in the vocabulary")
             return None
 
         pad_id = find(pad_token, [padding["pad_token"]] if "pad_token" in padding else ["<pad>", "[PAD]"])
@@ -81,7 +83,7 @@ class Tokenizer:
         reader = gguf.open_reader(path)
         kind = gguf.metadata(reader, "tokenizer.ggml.model")
         if kind != "gpt2":
-            raise ValueError(
+            raise CheckpointError(
                     f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
         tokens = gguf.metadata(reader, "tokenizer.ggml.tokens")
         merges = gguf.metadata(reader, "tokenizer.ggml.merges")
