@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -228,17 +227,28 @@ SPLIT = flags.DEFINE_multi_string("split", None,
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    from plug_jax import experiment as experiment_lib
+    from plug_jax import experiment as experiment_lib, personalize
 
     config, workdir = cli.CONFIG.value, cli.WORKDIR.value
     splits = tuple(SPLIT.value) if SPLIT.value else tuple(config.data.eval_splits)
+    cli.check_writable(workdir)
+    plug_path = Path(workdir) / "plug"
+    # The plug must have been trained under this config where it matters: checked before the
+    # LLM loads (the config's fields), then against the loaded LLM and encoder (their widths and
+    # weights), before anything is written.
+    plug_config = export.read_plug_config(plug_path / export.PLUG_CONFIG_FILE)
+    problem = export.config_mismatch(plug_config, config)
+    if problem:
+        raise personalize.MismatchError(f"{plug_path}: {problem}")
+
+    def check(experiment):
+        problem = personalize.compatibility_problem(plug_config, experiment)
+        if problem:
+            raise personalize.MismatchError(f"{plug_path}: {problem}")
+
     mesh = sharding.make_mesh(config.mesh)
-    experiment = experiment_lib.build(config, workdir, splits=splits, mesh=mesh)
-    try:
-        _, plug_params = export.load_plug(Path(workdir) / "plug", experiment.plug_shardings(mesh))
-    except (FileNotFoundError, export.PlugFormatError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    experiment = experiment_lib.build(config, workdir, splits=splits, mesh=mesh, check=check)
+    _, plug_params = export.load_plug(plug_path, experiment.plug_shardings(mesh))
     with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in config.axis_rules]):
         results = evaluate(experiment, plug_params, splits, workdir, method=config.method,
                            write=jax.process_index() == 0)

@@ -127,6 +127,40 @@ def run_config_of(plug_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(plug_config["run_config"])
 
 
+# What a plug was trained under, in its run's config: evaluated under other values, it would
+# report wrong numbers. (Other fields, such as where the data lie or how to decode, may differ.)
+PLUG_DEFINING_FIELDS = (
+    "data.task", "method", "llm.path", "llm.soft_token_position", "encoder.path",
+    "encoder.pooling", "encoder.max_length", "encoder.query_instruction", "data.history_labels",
+    "data.query_from", "data.lamp1_query", "plug.projector_hidden", "plug.train_query_encoder",
+    "plug.soft_token_scale", "plug.soft_token_norm", "plug.persona_tokens")
+
+
+def config_mismatch(plug_config: Mapping[str, Any], config: ml_collections.ConfigDict
+                    ) -> str | None:
+    """Where `config` differs from the run config the plug was trained under, on the
+    PLUG_DEFINING_FIELDS, in one line; None when it does not. A field the export does not record
+    (an older plug_jax) is not compared."""
+    trained = run_config_of(plug_config)
+    missing = object()
+
+    def value(tree, field):
+        for name in field.split("."):
+            if not hasattr(tree, "keys") or name not in tree:
+                return missing
+            tree = tree[name]
+        return tree
+
+    differing = [f"{field} {value(trained, field)!r} vs {value(config, field)!r}"
+                 for field in PLUG_DEFINING_FIELDS
+                 if value(trained, field) is not missing
+                 and value(trained, field) != value(config, field)]
+    if not differing:
+        return None
+    return (f"the plug was trained under another configuration than this command's (trained vs "
+            f"here): {'; '.join(differing)}")
+
+
 def plug_config_from_run_config(config: ml_collections.ConfigDict) -> dict:
     """The plug's description rebuilt from a run's config: builds the run's LLM and encoder (no
     data)."""
@@ -138,8 +172,13 @@ def plug_config_from_run_config(config: ml_collections.ConfigDict) -> dict:
 
 def read_plug_config(path: str | Path) -> dict:
     """A plug_config.json of this format; PlugFormatError for any other."""
-    plug_config = json.loads(Path(path).read_text())
-    found = plug_config.get("format")
+    try:
+        plug_config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise errors.MissingFileError(f"{path}: missing (not an exported plug)") from None
+    except (ValueError, OSError) as e:  # invalid JSON or UTF-8, unreadable
+        raise PlugFormatError(f"{path}: unreadable ({e})") from None
+    found = plug_config.get("format") if isinstance(plug_config, dict) else None
     if found != FORMAT:
         raise PlugFormatError(f"{path}: plug format {found!r}, expected {FORMAT!r}")
     return plug_config
@@ -271,6 +310,7 @@ STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export; default th
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    cli.check_writable(cli.OUT.value, "--out")
     export(cli.WORKDIR.value, cli.OUT.value, STEP.value)
 
 

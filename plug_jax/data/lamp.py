@@ -516,8 +516,8 @@ def load_split(data_dir: str | os.PathLike[str], split: str,
       The examples in the questions file's order; targets are None without an outputs file.
 
     Raises:
-      LampFormatError: a missing questions file, invalid JSON, or a record that breaks the
-        format; the one-line message names the file, the record and the field.
+      LampFormatError: a missing questions file, invalid JSON, a record that breaks the format,
+        or no question at all; the one-line message names the file, the record and the field.
     """
     data_dir = Path(data_dir)
     questions_path = data_dir / f"{split}_questions.json"
@@ -529,6 +529,8 @@ def load_split(data_dir: str | os.PathLike[str], split: str,
     outputs = _read_json(outputs_path) if outputs_path.is_file() else None
     _, examples = parse_examples(questions, outputs, task, questions_source=str(questions_path),
                                  outputs_source=str(outputs_path))
+    if not examples:
+        raise LampFormatError(f"{questions_path}: no questions (an empty split)")
     return examples
 
 

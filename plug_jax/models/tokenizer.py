@@ -58,8 +58,14 @@ class Tokenizer:
                             eos_token: str | None = None, bos_token: str | None = None) -> Tokenizer:
         """A tokenizer.json; special tokens not named are looked up among conventional names."""
         path = Path(path)
-        tokenizer = tokenizers.Tokenizer.from_file(str(path))
-        padding = json.loads(path.read_text()).get("padding") or {}
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the model's tokenizer)")
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(str(path))
+            padding = json.loads(path.read_text()).get("padding") or {}
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise CheckpointError(f"{path}: not a tokenizer.json ({' '.join(str(e).split())})"
+                                  ) from None
 
         def find(explicit: str | None, conventional: Sequence[str]) -> int | None:
             for token in ([explicit] if explicit else conventional):
