@@ -476,7 +476,7 @@ def _parse_mesh(text: str) -> dict[str, int]:
     for item in filter(None, text.split(",")):
         axis, _, size = item.partition("=")
         if axis not in sharding.MESH_AXES or not size.lstrip("-").isdigit():
-            raise SystemExit(f"--mesh: {item!r} is not AXIS=SIZE with AXIS in {sharding.MESH_AXES}")
+            raise errors.UserError(f"--mesh: {item!r} is not AXIS=SIZE with AXIS in {sharding.MESH_AXES}")
         mesh[axis] = int(size)
     return mesh
 
