@@ -30,6 +30,8 @@ def run_command(module, args, required=("config", "workdir")) -> tuple[int, str]
     for name in [n for n in flags.FLAGS if n.startswith("config.")]:
         delattr(flags.FLAGS, name)  # --config's override flags, registered by the last parse
     flags.FLAGS.unparse_flags()
+    # cli.run marks `required` flags with validators, which would outlive this command.
+    validators = {name: list(flags.FLAGS[name].validators) for name in flags.FLAGS}
     argv, sys.argv = sys.argv, [module.__name__, *map(str, args)]
     stderr = io.StringIO()
     try:
@@ -37,6 +39,8 @@ def run_command(module, args, required=("config", "workdir")) -> tuple[int, str]
             cli.run(module.main, *required)
     finally:
         sys.argv = argv
+        for name, kept in validators.items():
+            flags.FLAGS[name].validators[:] = kept
     return stop.value.code, stderr.getvalue()
 
 
