@@ -84,3 +84,11 @@ def test_headline_metric():
     for task in ("LaMP_1", "LaMP_2", "LaMP_3", "LaMP_4", "LaMP_5", "LaMP_7"):
         name = metrics.headline_metric(task).name
         assert name in metrics.evaluate(task, ["1"], ["1"])
+
+
+def test_a_number_that_is_not_finite_is_unparsable():
+    for output in ("nan", "NaN", "inf", "-inf", "1e999", " Infinity "):
+        assert metrics.parse_rating(output, 2.0) == 5.0, output
+        assert metrics.parse_rating(output, 4.0) == 1.0, output
+    assert metrics.rating_metrics(["nan", "inf", "4"], ["1", "5", "4"]) == {
+        "mae": (4 + 4 + 0) / 3, "rmse": ((16 + 16) / 3) ** 0.5}
