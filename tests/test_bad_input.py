@@ -18,7 +18,7 @@ import pytest
 from absl import flags
 
 from plug_jax import cli, compare, embed, evaluate, export, personalize, plan, train
-from plug_jax.data import synthetic
+from plug_jax.data import lamp, synthetic
 from plug_jax.models import assets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -322,3 +322,44 @@ def test_real_command_exits_2_with_one_line(args, expected, good_data, tmp_path)
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     assert expected in result.stderr
     assert not workdir.exists()
+
+
+def test_unusual_input_works(tmp_path, capsys):
+    """An empty history, one longer than max_history (the most recent kept), an input longer than
+    the LLM's limit (truncated, said once) and unusual Unicode (emoji, right-to-left, combining
+    marks, NUL) all featurize."""
+    from configs import lamp3
+    from plug_jax import experiment
+    from plug_jax.data import pipeline
+
+    task = lamp.TASKS["LaMP_3"]
+    unusual = "😀 مرحبا שלום e\u0301\u0301 nul\u0000 \u202eevil\u202c \U0010ffff"
+    history = [{"text": f"{unusual} item {i}", "score": str(1 + i % 5), "date": str(1000 + i)}
+               for i in range(20)]
+    questions = [
+        {"id": "LaMP_3-a-0", "input": task.format_input(review=unusual), "profile": history},
+        {"id": "LaMP_3-b-0", "input": task.format_input(review="long " * 500), "profile": []},
+        {"id": "LaMP_3-c-0", "input": task.format_input(review="long " * 400), "profile": []},
+    ]
+    golds = {"task": "LaMP_3", "golds": [{"id": q["id"], "output": "4"} for q in questions]}
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}_questions.json").write_text(json.dumps(questions))
+        (tmp_path / f"{split}_outputs.json").write_text(json.dumps(golds))
+    config = lamp3.get_config("tiny")
+    config.data.dir, config.data.eval_splits = str(tmp_path), ("dev",)
+    exp = experiment.build(config, tmp_path / "run", progress=False)
+    examples = exp.splits["train"]
+    assert examples[0].history[-1].endswith(f"{unusual} item 19")
+    capsys.readouterr()
+    features = pipeline.featurize(examples, exp.llm, exp.query_tokenizer, exp.table,
+                                  data_config=config.data, query_instruction="",
+                                  with_targets=True)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "truncated" in line]
+    assert notes == [f"note: 2 of 3 inputs are longer than data.max_input_tokens="
+                     f"{config.data.max_input_tokens} tokens and are truncated"]
+    rows = features["history_rows"]
+    assert rows.shape == (3, config.data.max_history)
+    assert (rows[0] >= 0).all() and (rows[1:] == -1).all()  # full, empty, empty
+    recent = exp.table.rows(examples[0].history, config.data.max_history)
+    assert (rows[0] == recent).all()  # the most recent max_history items
+    assert features["mask"].sum(axis=1).max() <= config.data.max_input_tokens + 64
