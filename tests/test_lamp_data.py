@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from plug_jax import errors
 from plug_jax.data import lamp
 
 REAL_DIRS = {"amazon_music": "LaMP_3", "news_v3": "LaMP_4"}
@@ -273,6 +274,6 @@ def test_write_predictions_checks_its_arguments(tmp_path):
         lamp.write_predictions(tmp_path / "p.json", "LaMP_3", ["a", "b"], ["1"])
     with pytest.raises(TypeError, match="outputs must be strings, got int"):
         lamp.write_predictions(tmp_path / "p.json", "LaMP_3", ["a"], [1])
-    with pytest.raises(KeyError, match="LaMP_6"):
+    with pytest.raises(errors.ConfigError, match="unknown LaMP task .LaMP_6."):
         lamp.write_predictions(tmp_path / "p.json", "LaMP_6", ["a"], ["1"])
     assert not (tmp_path / "p.json").exists()
