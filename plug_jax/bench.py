@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from plug_jax import cli, sharding
+from plug_jax import cli, errors, sharding
 from plug_jax import experiment as experiment_lib
 from plug_jax import train as train_lib
 from plug_jax.data import pipeline
@@ -219,7 +219,7 @@ BENCHMARKS: dict[str, tuple[Callable[..., dict], Callable[[dict], str]]] = {
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) != 2 or argv[1] not in BENCHMARKS:
-        raise SystemExit(f"usage: python -m plug_jax.bench {{{'|'.join(BENCHMARKS)}}} --config ...")
+        raise errors.UserError(f"usage: python -m plug_jax.bench {{{'|'.join(BENCHMARKS)}}} --config ...")
     # First-call times are compile times only without the persistent compilation cache.
     jax.config.update("jax_enable_compilation_cache", False)
     run_benchmark, format_result = BENCHMARKS[argv[1]]

@@ -20,6 +20,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from plug_jax import errors
+
 CHECKPOINT_DIR = "checkpoints"  # under the workdir
 _DATA_FORMAT = 2  # 1 had the PRNG key's implementation too
 
@@ -228,10 +230,10 @@ def restore_params(workdir: str | Path, abstract_params: Any, step: int | None =
     directory = (Path(workdir) / CHECKPOINT_DIR).absolute()
     steps = checkpoint_steps(workdir)
     if not steps:
-        raise FileNotFoundError(f"{directory}: no training checkpoint")
+        raise errors.MissingFileError(f"{directory}: no training checkpoint")
     step = max(steps) if step is None else int(step)
     if step not in steps:
-        raise FileNotFoundError(f"{directory}: no checkpoint of step {step} (have {steps})")
+        raise errors.MissingFileError(f"{directory}: no checkpoint of step {step} (have {steps})")
     path = directory / str(step) / "state"
     handler = ocp.PyTreeCheckpointHandler()
     try:

@@ -153,15 +153,22 @@ def format_markdown(task: lamp.Task, table: dict, tests: dict, seconds: dict,
 def compare(config, workdir: str | Path, method_names: Sequence[str], seeds: int,
             command: str = "") -> dict:
     """Runs the methods (resuming), writes compare.json and compare.md; returns the table."""
+    cli.check_writable(workdir)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     config = copy.deepcopy(config)
+    task = lamp.get_task(config.data.task)
+    chosen = [methods.get(name) for name in method_names]
+    # Bad input stops here, before anything is written: the data are read, the models' configs,
+    # tokenizers and shapes too (their weights load in the runs).
+    if config.data.dir:
+        experiment.load_splits(config, workdir, (config.data.train_split,
+                                                 *config.data.eval_splits))
+    experiment.build(config, splits=(), abstract=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     # Every run reads the same data and shares one history-embedding cache.
     config.data.dir = str(experiment.data_dir(config, workdir))
     config.data.cache_dir = config.data.cache_dir or str(workdir / "cache")
-    task = lamp.get_task(config.data.task)
-    chosen = [methods.get(name) for name in method_names]
     table, rundirs, seconds = {}, {}, {}
     for method in chosen:
         seed_list = range(seeds) if method.trains else range(1)

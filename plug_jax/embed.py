@@ -14,6 +14,7 @@ from plug_jax import cli, experiment
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    cli.check_writable(cli.WORKDIR.value)
     exp = experiment.build(cli.CONFIG.value, cli.WORKDIR.value, with_llm=False)
     cli.echo(f"{len(exp.table)} distinct history texts, {exp.table.width}-wide embeddings, "
              f"cached in {exp.table.path}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +21,9 @@ import scipy.special
 from absl import flags
 from tqdm import tqdm
 
-from plug_jax import baselines as baselines_lib, cli, decode, export, metrics, sharding
+from plug_jax import (baselines as baselines_lib, cli, decode, errors, export, metrics,
+                      sharding)
+from plug_jax.methods import LABEL_CHOICES
 from plug_jax.data import grain_pipeline, lamp, pipeline
 
 PPLUG = "pplug"
@@ -113,9 +114,6 @@ def label_nll(label_nll_fn, experiment, plug_params, examples: Sequence[lamp.Exa
     return np.concatenate(scores) if scores else np.zeros((0, len(labels)))
 
 
-LABEL_CHOICES = ("likeliest", "median", "mean")
-
-
 def choose_labels(nll: np.ndarray, labels: Sequence[str], rule: str) -> list[str]:
     """One answer per row of [examples, labels] negative log-likelihoods.
 
@@ -127,11 +125,12 @@ def choose_labels(nll: np.ndarray, labels: Sequence[str], rule: str) -> list[str
     if rule == "likeliest":
         return [labels[i] for i in np.argmin(nll, axis=1)]
     if rule not in LABEL_CHOICES:
-        raise ValueError(f"decode.label_choice {rule!r}: expected one of {', '.join(LABEL_CHOICES)}")
+        raise errors.ConfigError(
+            f"decode.label_choice {rule!r}: expected one of {', '.join(LABEL_CHOICES)}")
     try:
         values = np.array([float(label) for label in labels])
     except ValueError:
-        raise ValueError(f"decode.label_choice {rule!r} needs numeric labels, not "
+        raise errors.ConfigError(f"decode.label_choice {rule!r} needs numeric labels, not "
                          f"{list(labels)}") from None
     order = np.argsort(values)
     probs = scipy.special.softmax(-np.asarray(nll, np.float64)[:, order], axis=1)
@@ -257,17 +256,28 @@ SPLIT = flags.DEFINE_multi_string("split", None,
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    from plug_jax import experiment as experiment_lib
+    from plug_jax import experiment as experiment_lib, personalize
 
     config, workdir = cli.CONFIG.value, cli.WORKDIR.value
     splits = tuple(SPLIT.value) if SPLIT.value else tuple(config.data.eval_splits)
+    cli.check_writable(workdir)
+    plug_path = Path(workdir) / "plug"
+    # The plug must have been trained under this config where it matters: checked before the
+    # LLM loads (the config's fields), then against the loaded LLM and encoder (their widths and
+    # weights), before anything is written.
+    plug_config = export.read_plug_config(plug_path / export.PLUG_CONFIG_FILE)
+    problem = export.config_mismatch(plug_config, config)
+    if problem:
+        raise personalize.MismatchError(f"{plug_path}: {problem}")
+
+    def check(experiment):
+        problem = personalize.compatibility_problem(plug_config, experiment)
+        if problem:
+            raise personalize.MismatchError(f"{plug_path}: {problem}")
+
     mesh = sharding.make_mesh(config.mesh)
-    experiment = experiment_lib.build(config, workdir, splits=splits, mesh=mesh)
-    try:
-        _, plug_params = export.load_plug(Path(workdir) / "plug", experiment.plug_shardings(mesh))
-    except (FileNotFoundError, export.PlugFormatError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    experiment = experiment_lib.build(config, workdir, splits=splits, mesh=mesh, check=check)
+    _, plug_params = export.load_plug(plug_path, experiment.plug_shardings(mesh))
     with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in config.axis_rules]):
         results = evaluate(experiment, plug_params, splits, workdir, method=config.method,
                            write=jax.process_index() == 0)

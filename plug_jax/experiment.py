@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from plug_jax import llm as llm_lib, methods, plug, sharding
+from plug_jax import errors, llm as llm_lib, methods, plug, sharding
 from plug_jax.data import history as history_lib, lamp, synthetic
 from plug_jax.models import assets, bert, layers
 from plug_jax.models.loading import read_hf_config
@@ -100,7 +100,7 @@ def _split_reader(config: ml_collections.ConfigDict, workdir: str | Path, direct
     if source == "json":
         return lambda split: lamp.load_split(directory, split, config.data.task)
     if source != "tfds":
-        raise ValueError(f"config.data.source {source!r}: expected 'json' or 'tfds'")
+        raise errors.ConfigError(f"config.data.source {source!r}: expected 'json' or 'tfds'")
     from plug_jax.data import tfds_lamp  # TFDS only for this source
 
     tfds_dir = config.data.get("tfds_dir") or Path(workdir) / "tfds"
@@ -119,15 +119,21 @@ def _split_reader(config: ml_collections.ConfigDict, workdir: str | Path, direct
 def load_splits(config: ml_collections.ConfigDict, workdir: str | Path,
                 splits: tuple[str, ...]) -> dict[str, Sequence[lamp.Example]]:
     """The splits whose files exist; an evaluation split without files is skipped, with a note
-    (official LaMP has no dev_new), but the training split must be there."""
+    (official LaMP has no dev_new), but the training split must be there, with its outputs."""
     directory = data_dir(config, workdir)
+    if not directory.is_dir():
+        raise errors.MissingFileError(f"config.data.dir: {directory} is not a directory")
     read = _split_reader(config, workdir, directory)
     loaded = {}
     for split in splits:
         if split != config.data.train_split and not (directory / f"{split}_questions.json").exists():
             print(f"note: {directory} has no {split}_questions.json: split '{split}' skipped")
             continue
-        loaded[split] = prepare(config, read(split))
+        examples = read(split)
+        if split == config.data.train_split and examples[0].target is None:
+            raise lamp.LampFormatError(
+                f"{directory}: no {split}_outputs.json: the training split needs its outputs")
+        loaded[split] = prepare(config, examples)
     return loaded
 
 
@@ -182,7 +188,7 @@ def _encoder_source(encoder: ml_collections.ConfigDict) -> tuple[bert.BertConfig
         return None, directory
     named = bert.NAMED_CONFIGS.get(encoder.path.rstrip("/").rsplit("/", 1)[-1].lower())
     if named is None:
-        raise FileNotFoundError(
+        raise errors.MissingFileError(
             f"config.encoder.path: {encoder.path} is not a directory ('minilm' for the embedded "
             f"default; names known without weights: {', '.join(bert.NAMED_CONFIGS)})")
     return dataclasses.replace(named, pooling=encoder.pooling or named.pooling), None
@@ -196,7 +202,7 @@ def load_encoder(encoder: ml_collections.ConfigDict, abstract: bool = False
         if abstract:
             return config, bert.abstract_params(config), directory
         if encoder.path != "tiny-bert":
-            raise FileNotFoundError(f"config.encoder.path: {encoder.path} names an encoder whose "
+            raise errors.MissingFileError(f"config.encoder.path: {encoder.path} names an encoder whose "
                                     "weights are not here; point it at a local directory")
         return config, bert.init_params(config, jax.random.key(1)), directory
     if abstract:
@@ -234,8 +240,13 @@ def history_table(config: ml_collections.ConfigDict, workdir: str | Path,
 
 def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
           splits: tuple[str, ...] | None = None, abstract: bool = False, with_llm: bool = True,
-          progress: bool = True, mesh=None) -> Experiment:
+          progress: bool = True, mesh=None,
+          check: Callable[[Experiment], None] | None = None) -> Experiment:
     """Everything a command needs, from the config.
+
+    Every input (a LaMP directory, the LLM, the encoder) is read and checked before anything is
+    written (synthetic data, the history cache), so bad input leaves the workdir as it was.
+    check(experiment without data) runs in between: a command's own refusal (it raises).
 
     abstract: shapes only (no weights, no data, no workdir); splits=() reads no data either.
     with_llm=False leaves the LLM out
@@ -247,22 +258,20 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
     divide; the LLM's shardings come from config.axis_rules explicitly.
     """
     data = config.data
+    task, method = lamp.get_task(data.task), methods.get(config.method)
     if config.plug.get("dropout") or config.llm.get("dropout"):
         print("note: config.plug.dropout / config.llm.dropout are recorded but not applied yet: "
               "the LLM and the encoder run without dropout")
     if splits is None:
         splits = (data.train_split,) + tuple(data.eval_splits)
     with_data = not abstract and bool(splits)
-    examples = load_splits(config, workdir, splits) if with_data else {}
+    examples = load_splits(config, workdir, splits) if with_data and data.dir else {}
     with sharding.without_activation_constraints():
         encoder_config, encoder_params, encoder_dir = load_encoder(config.encoder, abstract)
-        table = history_table(config, workdir, examples, encoder_config, encoder_params,
-                              encoder_dir, progress) if with_data else None
         llm = llm_params = embedder = None
         if with_llm:
             llm, llm_params = llm_lib.build_llm(config.llm, abstract=abstract, mesh=mesh,
                                                 rules=config.axis_rules)
-            method = methods.get(config.method)
             soft_token = plug.soft_token_fields(
                 config.plug, None if abstract else llm.embedding_table(llm_params))
             embedder = plug.UserEmbedder(
@@ -271,8 +280,17 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
                 train_query_encoder=config.plug.train_query_encoder,
                 persona_tokens=config.plug.persona_tokens if method.plug == "persona" else 0,
                 param_init=config.plug.param_init)
-    return Experiment(config=config, task=lamp.get_task(data.task), splits=examples, llm=llm,
-                      llm_params=llm_params, encoder_config=encoder_config,
-                      encoder_params=encoder_params,
-                      query_tokenizer=encoder_dir and bert.bert_tokenizer(encoder_dir),
-                      table=table, embedder=embedder, mesh=mesh, encoder_dir=encoder_dir)
+        experiment = Experiment(
+            config=config, task=task, splits=examples, llm=llm, llm_params=llm_params,
+            encoder_config=encoder_config, encoder_params=encoder_params,
+            query_tokenizer=encoder_dir and bert.bert_tokenizer(encoder_dir), table=None,
+            embedder=embedder, mesh=mesh, encoder_dir=encoder_dir)
+        if check is not None:
+            check(experiment)
+        # ------------------------------------------------ writes: synthetic data, history cache
+        if with_data:
+            if not data.dir:
+                experiment.splits = load_splits(config, workdir, splits)
+            experiment.table = history_table(config, workdir, experiment.splits, encoder_config,
+                                             encoder_params, encoder_dir, progress)
+    return experiment

@@ -20,7 +20,6 @@ import functools
 import importlib.metadata
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -33,7 +32,7 @@ import orbax.checkpoint as ocp
 from absl import flags
 from jax.experimental import multihost_utils
 
-from plug_jax import checkpoint, cli, plug
+from plug_jax import checkpoint, cli, errors, plug
 from plug_jax.models import bert
 from plug_jax.models.layers import unboxed
 
@@ -43,7 +42,7 @@ PARAMS_DIR = "params"  # under an exported plug's directory
 FORMAT = "plug_jax.plug/2"
 
 
-class PlugFormatError(ValueError):
+class PlugFormatError(errors.UserError):
     """A plug_config.json of a format this code does not read."""
 
 
@@ -128,6 +127,40 @@ def run_config_of(plug_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(plug_config["run_config"])
 
 
+# What a plug was trained under, in its run's config: evaluated under other values, it would
+# report wrong numbers. (Other fields, such as where the data lie or how to decode, may differ.)
+PLUG_DEFINING_FIELDS = (
+    "data.task", "method", "llm.path", "llm.soft_token_position", "encoder.path",
+    "encoder.pooling", "encoder.max_length", "encoder.query_instruction", "data.history_labels",
+    "data.query_from", "data.lamp1_query", "plug.projector_hidden", "plug.train_query_encoder",
+    "plug.soft_token_scale", "plug.soft_token_norm", "plug.persona_tokens")
+
+
+def config_mismatch(plug_config: Mapping[str, Any], config: ml_collections.ConfigDict
+                    ) -> str | None:
+    """Where `config` differs from the run config the plug was trained under, on the
+    PLUG_DEFINING_FIELDS, in one line; None when it does not. A field the export does not record
+    (an older plug_jax) is not compared."""
+    trained = run_config_of(plug_config)
+    missing = object()
+
+    def value(tree, field):
+        for name in field.split("."):
+            if not hasattr(tree, "keys") or name not in tree:
+                return missing
+            tree = tree[name]
+        return tree
+
+    differing = [f"{field} {value(trained, field)!r} vs {value(config, field)!r}"
+                 for field in PLUG_DEFINING_FIELDS
+                 if value(trained, field) is not missing
+                 and value(trained, field) != value(config, field)]
+    if not differing:
+        return None
+    return (f"the plug was trained under another configuration than this command's (trained vs "
+            f"here): {'; '.join(differing)}")
+
+
 def plug_config_from_run_config(config: ml_collections.ConfigDict) -> dict:
     """The plug's description rebuilt from a run's config: builds the run's LLM and encoder (no
     data)."""
@@ -139,8 +172,13 @@ def plug_config_from_run_config(config: ml_collections.ConfigDict) -> dict:
 
 def read_plug_config(path: str | Path) -> dict:
     """A plug_config.json of this format; PlugFormatError for any other."""
-    plug_config = json.loads(Path(path).read_text())
-    found = plug_config.get("format")
+    try:
+        plug_config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise errors.MissingFileError(f"{path}: missing (not an exported plug)") from None
+    except (ValueError, OSError) as e:  # invalid JSON or UTF-8, unreadable
+        raise PlugFormatError(f"{path}: unreadable ({e})") from None
+    found = plug_config.get("format") if isinstance(plug_config, dict) else None
     if found != FORMAT:
         raise PlugFormatError(f"{path}: plug format {found!r}, expected {FORMAT!r}")
     return plug_config
@@ -208,7 +246,7 @@ def load_plug(path: str | Path, shardings: Any = None) -> tuple[dict, Any]:
     path = Path(path).absolute()
     config_path = path / PLUG_CONFIG_FILE
     if not config_path.exists():
-        raise FileNotFoundError(f"{path}: not an exported plug (no {PLUG_CONFIG_FILE}; train "
+        raise errors.MissingFileError(f"{path}: not an exported plug (no {PLUG_CONFIG_FILE}; train "
                                 f"first, or python -m plug_jax.export --workdir RUN --out {path})")
     plug_config = read_plug_config(config_path)
     abstract = abstract_plug_params(user_embedder_from_config(plug_config))
@@ -238,7 +276,7 @@ def run_plug_config(workdir: Path) -> dict:
         return read_plug_config(path)
     config_path = workdir / "config.json"
     if not config_path.exists():
-        raise FileNotFoundError(f"{workdir}: neither {checkpoint.CHECKPOINT_DIR}/"
+        raise errors.MissingFileError(f"{workdir}: neither {checkpoint.CHECKPOINT_DIR}/"
                                 f"{PLUG_CONFIG_FILE} nor config.json (not a training run?)")
     print(f"plug description: rebuilt from {config_path} (loading the LLM for its width and "
           f"embedding RMS)")
@@ -252,10 +290,10 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Pat
     checkpoints = workdir / checkpoint.CHECKPOINT_DIR
     steps = checkpoint.checkpoint_steps(workdir)
     if not steps:
-        raise FileNotFoundError(f"{checkpoints}: no training checkpoint")
+        raise errors.MissingFileError(f"{checkpoints}: no training checkpoint")
     print(f"checkpoints in {checkpoints}: steps {steps}")
     if step is not None and step not in steps:
-        raise FileNotFoundError(f"{checkpoints}: no checkpoint of step {step} (have {steps})")
+        raise errors.MissingFileError(f"{checkpoints}: no checkpoint of step {step} (have {steps})")
     plug_config = run_plug_config(workdir)
     abstract = abstract_plug_params(user_embedder_from_config(plug_config))
     params, step = checkpoint.restore_params(workdir, abstract, step)  # numpy, on this host
@@ -272,11 +310,8 @@ STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export; default th
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    try:
-        export(cli.WORKDIR.value, cli.OUT.value, STEP.value)
-    except (FileNotFoundError, PlugFormatError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    cli.check_writable(cli.OUT.value, "--out")
+    export(cli.WORKDIR.value, cli.OUT.value, STEP.value)
 
 
 if __name__ == "__main__":

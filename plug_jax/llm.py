@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from plug_jax import decode
+from plug_jax import decode, errors
 from plug_jax.models import assets, llama, t5
 from plug_jax.models.chat import ChatTemplate
-from plug_jax.models.loading import read_hf_config
+from plug_jax.models.loading import CheckpointError, read_hf_config
 from plug_jax.models.tokenizer import Tokenizer
 
 Batch = dict[str, Any]
@@ -93,7 +93,7 @@ class DecoderOnlyLM(_TargetLoss):
 
     def __post_init__(self):
         if self.soft_token_position not in ("after_chat_header", "start"):
-            raise ValueError(f"config.llm.soft_token_position must be 'after_chat_header' or 'start', "
+            raise errors.ConfigError(f"config.llm.soft_token_position must be 'after_chat_header' or 'start', "
                              f"got {self.soft_token_position!r}")
         if self.chat.end_of_turn_id is None:
             raise ValueError("the LLM's tokenizer has no end-of-turn or EOS token to end answers with")
@@ -306,7 +306,30 @@ def _random_weights(family, config):
 def _find_checkpoint(path: str) -> _Checkpoint:
     """'smollm2' (embedded), a .gguf file, a Hugging Face directory (Llama family or T5), a known
     Flan-T5 name (shapes only), or 'tiny-llama' / 'tiny-t5' (small random models with real
-    tokenizers, for smoke tests)."""
+    tokenizers, for smoke tests). CheckpointError when its tokenizer does not fit its model."""
+    checkpoint = _find_checkpoint_unchecked(path)
+    tokenizer, vocab_size = checkpoint.tokenizer, checkpoint.config.vocab_size
+    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+        raise CheckpointError(
+            f"config.llm.path: {path}: the tokenizer has {tokenizer.vocab_size} tokens but the "
+            f"model's embedding table only {vocab_size} rows (a tokenizer of another model?)")
+    return checkpoint
+
+
+def _hf_config(family, directory: Path):
+    """The family's config of a Hugging Face directory; CheckpointError naming config.json."""
+    where = directory / "config.json"
+    try:
+        return family.from_hf(read_hf_config(directory))
+    except KeyError as e:
+        raise CheckpointError(f"{where}: field {e} is missing") from None
+    except CheckpointError as e:
+        message = str(e)
+        raise CheckpointError(message if message.startswith(str(directory))
+                              else f"{where}: {message.removeprefix('config.json: ')}") from None
+
+
+def _find_checkpoint_unchecked(path: str) -> _Checkpoint:
     if path == "tiny-llama":
         tokenizer = Tokenizer.from_gguf(assets.smollm2_gguf())
         config = llama.LlamaConfig.tiny(vocab_size=tokenizer.vocab_size, eos_ids=(tokenizer.eos_id,),
@@ -331,17 +354,18 @@ def _find_checkpoint(path: str) -> _Checkpoint:
             tokenizer_file = location / "tokenizer.json"
             tokenizer = Tokenizer.from_tokenizer_json(
                 tokenizer_file if tokenizer_file.exists() else assets.t5_tokenizer_json())
-            return _Checkpoint(t5, t5.T5Config.from_hf(hf_config), tokenizer,
+            return _Checkpoint(t5, _hf_config(t5.T5Config, location), tokenizer,
                                lambda dtype, shardings: t5.load_t5(location, dtype,
                                                                    shardings=shardings))
+        config = _hf_config(llama.LlamaConfig, location)  # an unknown architecture stops here
         tokenizer = Tokenizer.from_tokenizer_json(location / "tokenizer.json")
-        return _Checkpoint(llama, llama.LlamaConfig.from_hf(hf_config), tokenizer,
+        return _Checkpoint(llama, config, tokenizer,
                            lambda dtype, shardings: llama.load_llama(location, dtype, shardings),
                            ChatTemplate.from_hf_dir(location, tokenizer))
     named = t5.NAMED_CONFIGS.get(path.rstrip("/").rsplit("/", 1)[-1].lower())
     if named is not None:  # the weights are not here: plan with the shapes alone
         return _Checkpoint(t5, named, None, None)
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"config.llm.path: {path} does not exist (a .gguf file or an HF checkpoint directory; "
         f"'smollm2' for the embedded default; names known without weights: "
         f"{', '.join(t5.NAMED_CONFIGS)})")
@@ -366,7 +390,7 @@ def build_llm(llm_config: ml_collections.ConfigDict, *, abstract: bool = False, 
         return (_adapter(checkpoint, checkpoint.config, llm_config),
                 checkpoint.family.abstract_params(checkpoint.config, dtype))
     if checkpoint.load is None:
-        raise FileNotFoundError(f"config.llm.path: {llm_config.path} names a model whose weights "
+        raise errors.MissingFileError(f"config.llm.path: {llm_config.path} names a model whose weights "
                                 "are not here; point it at a local Hugging Face directory")
     shardings = None
     if mesh is not None:  # a function of the config, which the checkpoint may refine (T5's head)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from plug_jax import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:
@@ -41,16 +43,23 @@ METHODS = {method.name: method for method in (
 )}
 
 
+# How a method answers from its label likelihoods: plug_jax.evaluate.choose_labels.
+LABEL_CHOICES = ("likeliest", "median", "mean")
+
+
 def get(name: str) -> Method:
     """A method by name; "pplug@mean" is pplug answering by decode.label_choice "mean" (compare
     evaluates it with the plug that "pplug" trained, under the same seed)."""
     base, _, rule = name.partition("@")
     if base not in METHODS:
-        raise ValueError(f"unknown method {base!r}; known: {', '.join(METHODS)}")
+        raise errors.ConfigError(f"unknown method {base!r}; known: {', '.join(METHODS)}")
     if not rule:
         return METHODS[base]
+    if rule not in LABEL_CHOICES:
+        raise errors.ConfigError(
+            f"method {name!r}: {rule!r} is not one of {', '.join(LABEL_CHOICES)}")
     if not METHODS[base].uses_llm:
-        raise ValueError(f"method {name!r}: {base} answers without the LLM's label likelihoods")
+        raise errors.ConfigError(f"method {name!r}: {base} answers without the LLM's label likelihoods")
     return dataclasses.replace(METHODS[base], name=name, label_choice=rule)
 
 

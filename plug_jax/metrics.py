@@ -4,7 +4,8 @@
   mapped to their index in the list; anything else maps to -1, which is wrong for every gold label
   and is left out of the F1 label set (sklearn `f1_score(labels=range(L), average="macro")`).
 - LaMP_3: MAE and RMSE of the parsed scores; an output `float()` cannot parse takes the worst
-  case, 1.0 when the gold is nearer 5 and 5.0 otherwise.
+  case, 1.0 when the gold is nearer 5 and 5.0 otherwise. So does one that parses to no finite
+  number ("nan", "inf", "1e999"), which would otherwise poison the mean.
 - LaMP_4, LaMP_5, LaMP_7: ROUGE-1 and ROUGE-L F-measure (`rouge_score`, no stemming).
 """
 
@@ -62,11 +63,14 @@ def classification_metrics(predictions: Sequence[str], golds: Sequence[str],
 
 
 def parse_rating(prediction: str, gold: float) -> float:
-    """The predicted score, or the worst case for an output that is no number."""
+    """The predicted score, or the worst case for an output that is no finite number."""
     try:
-        return float(str(prediction).strip())
+        score = float(str(prediction).strip())
     except ValueError:
-        return 1.0 if abs(1 - gold) > abs(5 - gold) else 5.0
+        score = math.nan
+    if math.isfinite(score):
+        return score
+    return 1.0 if abs(1 - gold) > abs(5 - gold) else 5.0
 
 
 def rating_metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float]:

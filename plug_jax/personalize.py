@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from plug_jax import cli, decode, evaluate, export, plug
+from plug_jax import cli, decode, errors, evaluate, export, plug
 from plug_jax import experiment as experiment_lib
 from plug_jax import llm as llm_lib
 from plug_jax.data import history as history_lib, lamp
@@ -56,11 +56,11 @@ RUNTIME_FIELDS = ("llm.path", "llm.dtype", "llm.remat", "encoder.path", "decode"
 FINGERPRINT_RTOL = 1e-2
 
 
-class MismatchError(ValueError):
+class MismatchError(errors.UserError):
     """The LLM or encoder at hand is not the one the plug was trained for."""
 
 
-class UsageError(ValueError):
+class UsageError(errors.UserError):
     """Flags that do not make a request."""
 
 
@@ -311,12 +311,7 @@ def personalize() -> None:
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    try:
-        personalize()
-    except (FileNotFoundError, lamp.LampFormatError, export.PlugFormatError, MismatchError,
-            UsageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    personalize()
 
 
 if __name__ == "__main__":

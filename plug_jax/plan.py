@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from plug_jax import cli, experiment, llm as llm_lib, sharding
+from plug_jax import cli, errors, experiment, llm as llm_lib, sharding
 from plug_jax.data import pipeline
 
 GiB = 2**30
@@ -123,7 +123,7 @@ def get_target(target: str | Target) -> Target:
     if isinstance(target, Target):
         return target
     if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
+        raise errors.ConfigError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
     return TARGETS[target]
 
 
@@ -476,7 +476,7 @@ def _parse_mesh(text: str) -> dict[str, int]:
     for item in filter(None, text.split(",")):
         axis, _, size = item.partition("=")
         if axis not in sharding.MESH_AXES or not size.lstrip("-").isdigit():
-            raise SystemExit(f"--mesh: {item!r} is not AXIS=SIZE with AXIS in {sharding.MESH_AXES}")
+            raise errors.UserError(f"--mesh: {item!r} is not AXIS=SIZE with AXIS in {sharding.MESH_AXES}")
         mesh[axis] = int(size)
     return mesh
 

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from plug_jax import errors
 from plug_jax.models.layers import unboxed
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -18,14 +19,14 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
     """{'data': -1, 'fsdp': 2, 'tensor': 1} on 8 devices -> (4, 2, 1); -1 takes the rest."""
     sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(mesh_config)}")
+        raise errors.ConfigError(f"config.mesh: at most one axis may be -1, got {dict(mesh_config)}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"config.mesh {dict(mesh_config)} does not divide {num_devices} devices")
+            raise errors.ConfigError(f"config.mesh {dict(mesh_config)} does not divide {num_devices} devices")
         sizes[sizes.index(-1)] = num_devices // known
     if int(np.prod(sizes)) != num_devices:
-        raise ValueError(f"config.mesh {dict(mesh_config)} uses {int(np.prod(sizes))} devices, "
+        raise errors.ConfigError(f"config.mesh {dict(mesh_config)} uses {int(np.prod(sizes))} devices, "
                          f"but {num_devices} are present")
     return tuple(sizes)
 
@@ -69,7 +70,7 @@ def process_rows(batch: NamedSharding, batch_size: int) -> slice:
     where the batch axes do not span the processes (a tensor-only mesh, say)."""
     shards = int(np.prod([batch.mesh.shape[axis] for axis in jax.tree.leaves(batch.spec[0])]))
     if batch_size % shards:
-        raise ValueError(f"config.optim.batch_size {batch_size} does not divide over the {shards} "
+        raise errors.ConfigError(f"config.optim.batch_size {batch_size} does not divide over the {shards} "
                          f"batch shards of mesh {dict(batch.mesh.shape)}")
     held = sorted({row for index in batch.addressable_devices_indices_map((batch_size,)).values()
                    for row in range(batch_size)[index[0]]})

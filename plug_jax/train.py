@@ -27,7 +27,8 @@ import optax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from plug_jax import checkpoint, cli, evaluate, export, methods, preemption, report, sharding
+from plug_jax import checkpoint, cli, errors, evaluate, export, methods, preemption, report
+from plug_jax import sharding
 from plug_jax import experiment as experiment_lib
 from plug_jax.data import grain_pipeline, lamp, pipeline
 
@@ -160,13 +161,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
     """Trains config.method's plug (resuming from the workdir's latest checkpoint), evaluates it
     against the baselines, and exports it. SIGTERM saves a checkpoint and exits."""
     if not methods.get(config.method).trains:
-        raise ValueError(f"config.method {config.method!r} trains nothing: evaluate it with "
+        raise errors.ConfigError(f"config.method {config.method!r} trains nothing: evaluate it with "
                          "python -m plug_jax.compare --methods ...")
+    cli.check_writable(workdir)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     started = time.time()
 
     # ---------------------------------------------------------------- mesh
@@ -179,7 +178,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
     cli.echo(f"building the experiment: task {config.data.task}, LLM {config.llm.path}, "
           f"encoder {config.encoder.path}, data {config.data.dir or 'synthetic'}, "
           f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es)")
-    exp = experiment_lib.build(config, workdir, mesh=mesh)
+    exp = experiment_lib.build(config, workdir, mesh=mesh)  # reads and checks every input first
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     train_examples = exp.splits[config.data.train_split]
     llm_length = pipeline.longest_llm_length(exp.llm, train_examples, config.data,
                                              with_targets=True)

@@ -5,6 +5,7 @@ Fixtures shared by test modules."""
 import dataclasses
 import os
 import tempfile
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -15,6 +16,23 @@ import pytest  # noqa: E402
 from plug_jax import cli  # noqa: E402
 
 cli.use_compilation_cache(tempfile.mkdtemp(prefix="plug_jax_xla_"))
+
+# Real LaMP-format data beside the repository (../shared/data/lamp-real), never copied into it.
+LAMP_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "lamp-real"
+# Set to 1 where the data must be there (CI): a missing directory then fails instead of skipping.
+REQUIRE_SHARED_DATA = "PLUG_JAX_REQUIRE_SHARED_DATA"
+
+
+@pytest.fixture
+def lamp_real() -> Path:
+    """The real LaMP directories (amazon_music, news_v3); the test skips where they are absent,
+    or fails when PLUG_JAX_REQUIRE_SHARED_DATA=1."""
+    if not LAMP_REAL.is_dir():
+        message = f"no real LaMP data at {LAMP_REAL} (the shared data beside the repository)"
+        if os.environ.get(REQUIRE_SHARED_DATA) == "1":
+            pytest.fail(f"{message}, and {REQUIRE_SHARED_DATA}=1")
+        pytest.skip(message)
+    return LAMP_REAL
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ from scipy import stats
 from plug_jax import baselines, metrics, significance
 from plug_jax.data import lamp
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared/data/lamp-real"
 
 
 def _examples(task_name, inputs_and_profiles):
@@ -201,10 +199,9 @@ def test_per_question_scores_average_to_the_official_metrics():
 # Real data
 
 
-@pytest.mark.skipif(not (REAL_DATA / "amazon_music").is_dir(), reason="no real LaMP data")
-def test_real_amazon_music_baselines():
-    train = lamp.load_split(REAL_DATA / "amazon_music", "train")
-    dev = lamp.load_split(REAL_DATA / "amazon_music", "dev")
+def test_real_amazon_music_baselines(lamp_real):
+    train = lamp.load_split(lamp_real / "amazon_music", "train")
+    dev = lamp.load_split(lamp_real / "amazon_music", "dev")
     train_targets, golds = [e.target for e in train], [e.target for e in dev]
     majority = baselines.majority("LaMP_3", dev, train_targets)
     assert set(majority) == {"5"}

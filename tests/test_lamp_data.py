@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from plug_jax import errors
 from plug_jax.data import lamp
 
-REAL_DATA = Path(__file__).parents[2] / "shared/data/lamp-real"
 REAL_DIRS = {"amazon_music": "LaMP_3", "news_v3": "LaMP_4"}
 SPLITS = ("train", "dev", "dev_new")
 
@@ -19,32 +19,32 @@ def _template_prefix(task: lamp.Task) -> str:
 
 
 @pytest.mark.parametrize("name", REAL_DIRS)
-def test_real_data_loads_with_stats_counts(name):
-    stats = json.loads((REAL_DATA / name / "stats.json").read_text())
+def test_real_data_loads_with_stats_counts(name, lamp_real):
+    stats = json.loads((lamp_real / name / "stats.json").read_text())
     for split in SPLITS:
-        examples = lamp.load_split(REAL_DATA / name, split)
+        examples = lamp.load_split(lamp_real / name, split)
         assert len(examples) == stats[split]["questions"]
         assert len({e.user_id for e in examples}) == stats[split]["users"]
-        task_name, golds = lamp.read_outputs(REAL_DATA / name / f"{split}_outputs.json")
+        task_name, golds = lamp.read_outputs(lamp_real / name / f"{split}_outputs.json")
         assert task_name == REAL_DIRS[name]
         assert {e.id: e.target for e in examples} == golds
 
 
 @pytest.mark.parametrize("name", REAL_DIRS)
-def test_real_data_queries_drop_the_template(name):
+def test_real_data_queries_drop_the_template(name, lamp_real):
     task = lamp.TASKS[REAL_DIRS[name]]
     prefix = _template_prefix(task)
-    for example in lamp.load_split(REAL_DATA / name, "dev"):
+    for example in lamp.load_split(lamp_real / name, "dev"):
         assert example.input == prefix + example.query
         assert example.query and not example.query.startswith(prefix[:20])
         assert example.target is not None
 
 
 @pytest.mark.parametrize("name", REAL_DIRS)
-def test_real_data_history_is_oldest_first(name):
+def test_real_data_history_is_oldest_first(name, lamp_real):
     task = lamp.TASKS[REAL_DIRS[name]]
-    questions = json.loads((REAL_DATA / name / "dev_questions.json").read_text())
-    examples = lamp.load_split(REAL_DATA / name, "dev")
+    questions = json.loads((lamp_real / name / "dev_questions.json").read_text())
+    examples = lamp.load_split(lamp_real / name, "dev")
     for record, example in zip(questions, examples):
         # LaMP_3 dates are Unix times ("971568000" < "1129161600"), LaMP_4 dates ISO dates.
         key = ((lambda item: int(item["date"])) if name == "amazon_music"
@@ -60,13 +60,13 @@ def test_real_data_history_is_oldest_first(name):
                    != sorted(r["profile"], key=lambda item: int(item["date"])) for r in questions)
 
 
-def test_real_data_text_is_read_as_written():
-    reviews = lamp.load_split(REAL_DATA / "amazon_music", "train")
+def test_real_data_text_is_read_as_written(lamp_real):
+    reviews = lamp.load_split(lamp_real / "amazon_music", "train")
     assert any("&quot;" in e.query for e in reviews)  # HTML entities stay as in the file
-    news = lamp.load_split(REAL_DATA / "news_v3", "train")
+    news = lamp.load_split(lamp_real / "news_v3", "train")
     assert any("\u2019" in e.query for e in news)  # non-ASCII stays
     assert news[0].history[0].endswith(" " + json.loads(
-        (REAL_DATA / "news_v3/train_questions.json").read_text())[0]["profile"][0]["title"])
+        (lamp_real / "news_v3/train_questions.json").read_text())[0]["profile"][0]["title"])
 
 
 def test_history_text_per_task():
@@ -248,10 +248,10 @@ def test_task_mismatch_is_an_error(tmp_path):
     assert len(lamp.load_split(tmp_path / "no_outputs", "dev", task="LaMP-3")) == 2
 
 
-def test_predictions_round_trip(tmp_path):
+def test_predictions_round_trip(tmp_path, lamp_real):
     # Predictions for the real news_v3 dev split, read back as that split's outputs.
-    examples = lamp.load_split(REAL_DATA / "news_v3", "dev")
-    (tmp_path / "dev_questions.json").symlink_to(REAL_DATA / "news_v3/dev_questions.json")
+    examples = lamp.load_split(lamp_real / "news_v3", "dev")
+    (tmp_path / "dev_questions.json").symlink_to(lamp_real / "news_v3/dev_questions.json")
     outputs = [f"Headline \u2019{i}\u2019 &amp; caf\u00e9" for i in range(len(examples))]
     lamp.write_predictions(tmp_path / "dev_outputs.json", "LaMP_4", [e.id for e in examples],
                            outputs)
@@ -274,6 +274,6 @@ def test_write_predictions_checks_its_arguments(tmp_path):
         lamp.write_predictions(tmp_path / "p.json", "LaMP_3", ["a", "b"], ["1"])
     with pytest.raises(TypeError, match="outputs must be strings, got int"):
         lamp.write_predictions(tmp_path / "p.json", "LaMP_3", ["a"], [1])
-    with pytest.raises(KeyError, match="LaMP_6"):
+    with pytest.raises(errors.ConfigError, match="unknown LaMP task .LaMP_6."):
         lamp.write_predictions(tmp_path / "p.json", "LaMP_6", ["a"], ["1"])
     assert not (tmp_path / "p.json").exists()

@@ -101,3 +101,11 @@ def test_label_choices_minimise_the_expected_error_by_hand():
         "4", "5", "4"]
     with pytest.raises(ValueError, match="numeric labels"):
         evaluate.choose_labels(nll[:, :2], ["[1]", "[2]"], "median")
+
+
+def test_a_number_that_is_not_finite_is_unparsable():
+    for output in ("nan", "NaN", "inf", "-inf", "1e999", " Infinity "):
+        assert metrics.parse_rating(output, 2.0) == 5.0, output
+        assert metrics.parse_rating(output, 4.0) == 1.0, output
+    assert metrics.rating_metrics(["nan", "inf", "4"], ["1", "5", "4"]) == {
+        "mae": (4 + 4 + 0) / 3, "rmse": ((16 + 16) / 3) ** 0.5}

@@ -10,7 +10,6 @@ import pytest
 
 from plug_jax.data import grain_pipeline, lamp, synthetic, tfds_lamp
 
-REAL_MUSIC = Path(__file__).resolve().parents[2] / "shared/data/lamp-real/amazon_music"
 
 
 def _lamp_json(directory: Path) -> list[Path]:
@@ -76,16 +75,15 @@ def test_builder_splits_match_the_reader_without_tensorflow(synthetic_dir, synth
     assert "tensorflow" not in sys.modules
 
 
-@pytest.mark.skipif(not REAL_MUSIC.is_dir(), reason="no real LaMP data here")
-def test_builder_reads_real_amazon_music_without_tensorflow(tmp_path):
+def test_builder_reads_real_amazon_music_without_tensorflow(tmp_path, lamp_real):
     manual_dir = tmp_path / "manual"
     manual_dir.mkdir()
-    for path in _lamp_json(REAL_MUSIC):
+    for path in _lamp_json(lamp_real / "amazon_music"):
         (manual_dir / path.name).symlink_to(path)
     builder = tfds_lamp.prepare(manual_dir, tmp_path / "tfds", "LaMP_3")
     assert sorted(builder.info.splits) == ["dev", "dev_new", "train"]
     for split in builder.info.splits:
-        expected = lamp.load_split(REAL_MUSIC, split)
+        expected = lamp.load_split(lamp_real / "amazon_music", split)
         source = tfds_lamp.data_source(builder, split)
         assert len(source) == len(expected)
         assert [e.id for e in source] == [e.id for e in expected]

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import grain
 import numpy as np
 
+from plug_jax import errors
 from plug_jax.data import lamp
 
 Featurize = Callable[[list[lamp.Example]], dict[str, np.ndarray]]
@@ -52,7 +53,7 @@ def augmented_copy(example: lamp.Example, *, seed: int, index: int, copy: int,
     (in the pool drawn from) get no copies: None. The draw depends only on (seed, index, copy).
     """
     if augment_from not in AUGMENT_FROM:
-        raise ValueError(f"augment_from {augment_from!r}: expected one of {AUGMENT_FROM}")
+        raise errors.ConfigError(f"augment_from {augment_from!r}: expected one of {AUGMENT_FROM}")
     from_all = augment_from == "all" or max_history is None
     history = example.history if from_all else example.history[-max_history:]
     size = len(history)

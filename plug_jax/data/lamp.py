@@ -24,13 +24,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from plug_jax import errors
+
 TaskKind = Literal["classification", "regression", "generation"]
 
 # One profile item as (field, value) pairs: hashable and picklable, unlike a dict.
 ProfileItem = tuple[tuple[str, str], ...]
 
 
-class LampFormatError(ValueError):
+class LampFormatError(errors.UserError):
     """A LaMP file that breaks the benchmark's format; the message is one line."""
 
 
@@ -181,7 +183,7 @@ def reference_query(task: str | Task, text: str, lamp1_query: str = "title") -> 
             except ValueError:
                 pass
         elif lamp1_query != "title":
-            raise ValueError(f"lamp1_query {lamp1_query!r}: expected 'title' or 'title_and_refs'")
+            raise errors.ConfigError(f"lamp1_query {lamp1_query!r}: expected 'title' or 'title_and_refs'")
         start = text.find('title "')
         if start < 0:
             return text
@@ -292,7 +294,7 @@ def get_task(task: str | Task) -> Task:
         return task
     name = task.replace("-", "_")
     if name not in TASKS:
-        raise KeyError(f"unknown LaMP task {task!r}; known: {', '.join(TASKS)}")
+        raise errors.ConfigError(f"unknown LaMP task {task!r}; known: {', '.join(TASKS)}")
     return TASKS[name]
 
 
@@ -492,6 +494,8 @@ def _read_json(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise LampFormatError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise LampFormatError(f"{path}: cannot be read ({e.strerror})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -512,8 +516,8 @@ def load_split(data_dir: str | os.PathLike[str], split: str,
       The examples in the questions file's order; targets are None without an outputs file.
 
     Raises:
-      LampFormatError: a missing questions file, invalid JSON, or a record that breaks the
-        format; the one-line message names the file, the record and the field.
+      LampFormatError: a missing questions file, invalid JSON, a record that breaks the format,
+        or no question at all; the one-line message names the file, the record and the field.
     """
     data_dir = Path(data_dir)
     questions_path = data_dir / f"{split}_questions.json"
@@ -525,6 +529,8 @@ def load_split(data_dir: str | os.PathLike[str], split: str,
     outputs = _read_json(outputs_path) if outputs_path.is_file() else None
     _, examples = parse_examples(questions, outputs, task, questions_source=str(questions_path),
                                  outputs_source=str(outputs_path))
+    if not examples:
+        raise LampFormatError(f"{questions_path}: no questions (an empty split)")
     return examples
 
 

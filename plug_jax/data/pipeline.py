@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from plug_jax import errors
 from plug_jax.data import lamp
 from plug_jax.data.lamp import Example
 from plug_jax.data.history import HistoryTable
@@ -35,7 +36,7 @@ def query_text(example: Example, llm, data_config) -> str:
             return lamp.reference_query("LaMP_1", example.input, "title")
         return example.query
     if query_from != "truncated_input":
-        raise ValueError(f"query_from {query_from!r}: expected 'input' or 'truncated_input'")
+        raise errors.ConfigError(f"query_from {query_from!r}: expected 'input' or 'truncated_input'")
     text = example.input
     ids = llm.tokenizer.encode(text)
     if len(ids) > data_config.max_input_tokens - 1:
@@ -45,9 +46,15 @@ def query_text(example: Example, llm, data_config) -> str:
 
 def longest_llm_length(llm, examples: Sequence[Example], data_config, with_targets: bool) -> int:
     """The LLM sequence length that holds every example's prompt (and answer): reads each
-    example's input once."""
-    longest = max(llm.prompt_lengths([e.input for e in examples], data_config.max_input_tokens),
-                  default=1)
+    example's input. Inputs longer than data.max_input_tokens are cut, as featurize cuts them;
+    how many is said once."""
+    inputs = [e.input for e in examples]
+    lengths = llm.prompt_lengths(inputs, data_config.max_input_tokens)
+    cut = sum(a != b for a, b in zip(lengths, llm.prompt_lengths(inputs, 1 << 30)))
+    if cut:
+        print(f"note: {cut} of {len(inputs)} inputs are longer than data.max_input_tokens="
+              f"{data_config.max_input_tokens} tokens and are truncated")
+    longest = max(lengths, default=1)
     return round_up(llm.sequence_length(longest, data_config.max_target_tokens, with_targets))
 
 

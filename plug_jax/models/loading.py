@@ -22,11 +22,13 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from plug_jax import errors
+
 Transform = Callable[[np.ndarray], np.ndarray]
 Rule = tuple[str, str, Transform | None]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError):
     """A checkpoint that cannot be loaded; the message is one line naming file and tensor."""
 
 
@@ -64,11 +66,30 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
         if len(raw_len) != 8:
             raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header size)")
         (header_len,) = struct.unpack("<Q", raw_len)
+        size = path.stat().st_size
+        if 8 + header_len > size:
+            raise CheckpointError(f"{path}: truncated or not safetensors (a {header_len}-byte "
+                                  f"header in a {size}-byte file)")
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: unreadable safetensors header (not an object)")
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            count = int(np.prod(info["shape"], dtype=np.int64))
+            itemsize = np.dtype(_SAFETENSORS_DTYPES.get(info["dtype"], np.uint8)).itemsize
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor '{name}': malformed header entry") from None
+        if not 0 <= begin <= end or 8 + header_len + end > size:
+            raise CheckpointError(f"{path}: tensor '{name}' lies past the end of the file "
+                                  f"(truncated? {size} bytes)")
+        if info["dtype"] in _SAFETENSORS_DTYPES and end - begin != count * itemsize:
+            raise CheckpointError(f"{path}: tensor '{name}' has {end - begin} bytes for shape "
+                                  f"{info['shape']} of {info['dtype']}")
     return header, 8 + header_len
 
 
@@ -80,7 +101,11 @@ class SafetensorsSource:
         index = self.directory / "model.safetensors.index.json"
         single = self.directory / "model.safetensors"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError):
+                raise CheckpointError(f"{index}: unreadable (invalid JSON or no weight_map)"
+                                      ) from None
             files = sorted(set(weight_map.values()))
         elif single.exists():
             files = [single.name]

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
+from plug_jax.models.loading import CheckpointError
+
 # llama.cpp token types (gguf.TokenType): 3 = control (special), 4 = user defined (added, not special).
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -56,8 +58,14 @@ class Tokenizer:
                             eos_token: str | None = None, bos_token: str | None = None) -> Tokenizer:
         """A tokenizer.json; special tokens not named are looked up among conventional names."""
         path = Path(path)
-        tokenizer = tokenizers.Tokenizer.from_file(str(path))
-        padding = json.loads(path.read_text()).get("padding") or {}
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the model's tokenizer)")
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(str(path))
+            padding = json.loads(path.read_text()).get("padding") or {}
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise CheckpointError(f"{path}: not a tokenizer.json ({' '.join(str(e).split())})"
+                                  ) from None
 
         def find(explicit: str | None, conventional: Sequence[str]) -> int | None:
             for token in ([explicit] if explicit else conventional):
@@ -65,7 +73,7 @@ class Tokenizer:
                 if token_id is not None:
                     return token_id
             if explicit:
-                raise ValueError(f"{path}: token {explicit!r} is not in the vocabulary")
+                raise CheckpointError(f"{path}: token {explicit!r} is not in the vocabulary")
             return None
 
         pad_id = find(pad_token, [padding["pad_token"]] if "pad_token" in padding else ["<pad>", "[PAD]"])
@@ -81,7 +89,7 @@ class Tokenizer:
         reader = gguf.open_reader(path)
         kind = gguf.metadata(reader, "tokenizer.ggml.model")
         if kind != "gpt2":
-            raise ValueError(
+            raise CheckpointError(
                     f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
         tokens = gguf.metadata(reader, "tokenizer.ggml.tokens")
         merges = gguf.metadata(reader, "tokenizer.ggml.merges")
