@@ -6,16 +6,26 @@ A command module defines its own flags at import, next to these, and ends with
         cli.run(main, "config", "workdir")
 
 `--config configs/lamp3.py:paper --config.optim.lr=3e-4` reads a config file and overrides fields
-(a misspelt field is an error); `--verbosity=0` brings library INFO logs back.
+(a misspelt field is an error).
+
+Logs: the terminal shows progress bars, the command's own lines, warnings and errors; every log
+line, library INFO chatter included (Orbax, absl, JAX), goes to <workdir>/logs/<command>.log, and
+`--verbose` shows it on the terminal too. In a multi-host run only process 0 prints (the others
+show errors alone; each has its own log file).
 """
 
 from __future__ import annotations
 
+import atexit
+import logging as python_logging
 import os
+import sys
+import tempfile
 from typing import Callable, Sequence
 
 import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 CONFIG = config_flags.DEFINE_config_file(
@@ -26,6 +36,8 @@ COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None,
                                           "host:port of process 0 (multi-host runs).")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+VERBOSE = flags.DEFINE_bool("verbose", False, "Show library INFO logs (Orbax, absl, JAX) on the "
+                            "terminal too; they always go to <workdir>/logs/.")
 
 # Environment variables by which jax.distributed finds a multi-host cluster by itself.
 _CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
@@ -70,19 +82,45 @@ def use_compilation_cache(directory: str | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def log_to_workdir(workdir: str | None, *, verbose: bool = False) -> epath.Path | None:
+    """Every log line to <workdir>/logs/<command>[.process<i>].log; on the terminal, warnings and
+    errors (process 0) or errors alone (the others), everything with `verbose`. Returns the log
+    file. A log for a bucket workdir is written locally and copied there at exit."""
+    process = jax.process_index() if jax.distributed.is_initialized() else 0
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.INFO)
+    terminal = logging.get_absl_handler()
+    terminal.setLevel(python_logging.NOTSET if verbose
+                      else python_logging.WARNING if process == 0 else python_logging.ERROR)
+    if not workdir:
+        return None
+    program = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "plug_jax"
+    log = epath.Path(workdir) / "logs" / (program + (f".process{process}" if process else "") + ".log")
+    local = log if "://" not in os.fspath(log) else epath.Path(tempfile.mkdtemp()) / log.name
+    local.parent.mkdir(parents=True, exist_ok=True)
+    handler = python_logging.FileHandler(os.fspath(local), mode="a")
+    handler.setFormatter(python_logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
+    handler.setLevel(python_logging.DEBUG)
+    python_logging.getLogger().addHandler(handler)
+    if local != log:
+        atexit.register(lambda: (handler.flush(), local.copy(log, overwrite=True)))
+    return log
+
+
 def run(main: Callable[[Sequence[str]], None], *required: str, distributed: bool = False) -> None:
-    """absl's app.run with the `required` flags; library INFO logs off unless --verbosity is set.
+    """absl's app.run with the `required` flags and the logs of `log_to_workdir`.
 
     distributed: start jax.distributed first (commands that run on every host of a slice).
     """
     flags.mark_flags_as_required(list(required))
 
     def start(argv: Sequence[str]) -> None:
-        if not flags.FLAGS["verbosity"].present:
-            logging.set_verbosity(logging.WARNING)  # Orbax's and absl's INFO lines drown progress
         use_compilation_cache()
         if distributed:
             initialize_distributed()
+        verbose = VERBOSE.value or flags.FLAGS["verbosity"].present
+        log_to_workdir(WORKDIR.value, verbose=verbose)
         main(argv)
 
     app.run(start)

@@ -19,9 +19,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import flags
+from etils import epath
 from tqdm import tqdm
 
 from plug_jax import baselines as baselines_lib, cli, decode, export, metrics, sharding
+from plug_jax import workdir as workdir_lib
 from plug_jax.data import grain_pipeline, lamp, pipeline
 
 PPLUG = "pplug"
@@ -194,7 +196,7 @@ def evaluate(experiment, plug_params, splits: Sequence[str], workdir: str | Path
                                  desc=f"{name} {split}", generate_fn=generate_fn,
                                  label_nll_fn=label_nll_fn)
             if write:
-                lamp.write_predictions(Path(workdir) / f"predictions_{name}_{split}.json",
+                lamp.write_predictions(epath.Path(workdir) / f"predictions_{name}_{split}.json",
                                        task.name, [e.id for e in examples], outputs)
             if all(g is not None for g in golds):
                 results.setdefault(name, {})[split] = metrics.evaluate(task.name, outputs, golds)
@@ -217,9 +219,8 @@ def format_table(results: dict, task_name: str) -> str:
 
 
 def write_metrics(results: dict, workdir: str | Path) -> Path:
-    path = Path(workdir) / "metrics.json"
-    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    return path
+    return workdir_lib.write_json(epath.Path(workdir) / "metrics.json", results, indent=2,
+                                  sort_keys=True)
 
 
 SPLIT = flags.DEFINE_multi_string("split", None,
