@@ -95,7 +95,8 @@ def log_to_workdir(workdir: str | None, *, verbose: bool = False) -> epath.Path 
     if not workdir:
         return None
     program = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "plug_jax"
-    log = epath.Path(workdir) / "logs" / (program + (f".process{process}" if process else "") + ".log")
+    name = program + (f".process{process}" if process else "") + ".log"
+    log = epath.Path(workdir) / "logs" / name
     local = log if "://" not in os.fspath(log) else epath.Path(tempfile.mkdtemp()) / log.name
     local.parent.mkdir(parents=True, exist_ok=True)
     handler = python_logging.FileHandler(os.fspath(local), mode="a")

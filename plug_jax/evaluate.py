@@ -10,7 +10,6 @@ predictions in the LaMP outputs format plus `metrics.json`.
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -236,7 +235,8 @@ def main(argv: Sequence[str]) -> None:
     mesh = sharding.make_mesh(config.mesh)
     experiment = experiment_lib.build(config, workdir, splits=splits, mesh=mesh)
     try:
-        _, plug_params = export.load_plug(Path(workdir) / "plug", experiment.plug_shardings(mesh))
+        _, plug_params = export.load_plug(epath.Path(workdir) / "plug",
+                                          experiment.plug_shardings(mesh))
     except (FileNotFoundError, export.PlugFormatError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

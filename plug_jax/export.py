@@ -232,7 +232,7 @@ def load_plug(path: str | Path, shardings: Any = None) -> tuple[dict, Any]:
 
 def size_bytes(path: str | Path) -> int:
     """Bytes on disk under `path` (an export, or any checkpoint directory)."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in epath.Path(path).rglob("*") if f.is_file())
 
 
 # ------------------------------------------------------------------------------------- command
@@ -255,7 +255,7 @@ def run_plug_config(workdir: Path) -> dict:
 
 def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
     """Writes the plug of `workdir`'s latest (or `step`'s) checkpoint to `out`; returns `out`."""
-    workdir, started = Path(workdir), time.time()
+    workdir, started = epath.Path(workdir), time.time()
     checkpoints = workdir / checkpoint.CHECKPOINT_DIR
     steps = checkpoint.checkpoint_steps(workdir)
     if not steps:
