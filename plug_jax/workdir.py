@@ -4,8 +4,9 @@
 - Every file a run writes is written whole or not at all (`write_text`, `write_bytes`,
   `open_atomic`: a temporary sibling, then a rename), so a kill at any moment leaves the last
   complete version.
-- `Lock` keeps two runs off one workdir: a lock file holding the host and pid of its owner; a
-  lock whose owner is dead (same host, no such process) is taken over.
+- `Lock` keeps two runs off one workdir: a lock file holding the host and pid of its owner,
+  refreshed every minute; a lock whose owner is dead (same host: no such process; another host:
+  not refreshed for 10 minutes, say a preempted slice) is taken over.
 - `check_shared` refuses a multi-process run whose processes do not see the same directory.
 """
 
@@ -15,10 +16,12 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from typing import IO, Iterator
 
+from absl import logging
 from etils import epath
 
 LOCK_FILE = "run.lock"
@@ -84,17 +87,24 @@ def _process_alive(pid: int) -> bool:
 
 
 class Lock:
-    """`<workdir>/run.lock`, holding {"host", "pid", "since"} of the run that owns the workdir.
+    """`<workdir>/run.lock`, holding {"host", "pid", "since", "updated"} of the run that owns the
+    workdir; a thread rewrites "updated" every `refresh_s` while it is held.
 
     `acquire` raises WorkdirError while another live process holds it. A lock left by a process
-    that died on this host (SIGKILL, a crash) is stale and taken over; one from another host
-    cannot be checked from here, so it is refused with the file to delete.
+    that died on this host (SIGKILL, a crash) is stale and taken over at once; one from another
+    host, whose process cannot be checked from here, once it is `stale_after_s` old.
     """
 
-    def __init__(self, directory: epath.PathLike):
+    def __init__(self, directory: epath.PathLike, *, refresh_s: float = 60,
+                 stale_after_s: float = 600):
         self.file = path(directory) / LOCK_FILE
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        now = time.time()
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": now,
+                      "updated": now}
+        self.refresh_s, self.stale_after_s = refresh_s, stale_after_s
         self.held = False
+        self._stopped = threading.Event()
+        self._refresher: threading.Thread | None = None
 
     def holder(self) -> dict | None:
         try:
@@ -102,14 +112,23 @@ class Lock:
         except (FileNotFoundError, json.JSONDecodeError):
             return None  # gone, or half-written by a run killed in between: free
 
+    def _mine(self, holder: dict | None) -> bool:
+        return holder is not None and (holder.get("host"), holder.get("pid")) == (
+            self.owner["host"], self.owner["pid"])
+
     def _stale(self, holder: dict) -> bool:
-        return holder["host"] == self.owner["host"] and not _process_alive(int(holder["pid"]))
+        if holder["host"] == self.owner["host"]:
+            return not _process_alive(int(holder["pid"]))
+        return time.time() - holder.get("updated", holder["since"]) > self.stale_after_s
 
     def acquire(self) -> "Lock":
         self.file.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             if self._create():
                 self.held = True
+                self._refresher = threading.Thread(target=self._refresh, daemon=True,
+                                                   name="plug_jax.workdir.Lock")
+                self._refresher.start()
                 return self
             holder = self.holder()
             if holder is None or self._stale(holder):
@@ -118,7 +137,8 @@ class Lock:
             raise WorkdirError(
                 f"{self.file.parent} is in use by pid {holder['pid']} on {holder['host']} "
                 f"(lock file {self.file}); wait for that run, or delete the lock file if it is "
-                "dead")
+                f"dead (a lock from another host expires {self.stale_after_s / 60:g} minutes "
+                "after its last refresh)")
         raise WorkdirError(f"{self.file}: could not take the lock (other runs keep taking it)")
 
     def _create(self) -> bool:
@@ -149,8 +169,21 @@ class Lock:
             os.rename(self.file, aside)
             os.unlink(aside)
 
+    def _refresh(self) -> None:
+        while not self._stopped.wait(self.refresh_s):
+            try:
+                if not self._mine(self.holder()):
+                    return  # taken over: not ours to rewrite
+                self.owner["updated"] = time.time()
+                write_text(self.file, json.dumps(self.owner))
+            except OSError as error:  # a storage hiccup: the next refresh may do
+                logging.warning("could not refresh %s: %s", self.file, error)
+
     def release(self) -> None:
-        if self.held and (self.holder() or {}).get("pid") == self.owner["pid"]:
+        self._stopped.set()
+        if self._refresher is not None:
+            self._refresher.join()
+        if self.held and self._mine(self.holder()):
             self.file.unlink(missing_ok=True)
         self.held = False
 

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,21 @@ def test_a_live_run_holds_the_workdir_and_a_dead_ones_lock_is_taken_over(tmp_pat
         assert lock.holder()["pid"] == os.getpid()
     assert not (tmp_path / workdir.LOCK_FILE).exists()
     assert sorted(os.listdir(tmp_path)) == []  # the stale lock and temporaries are gone
+
+
+def test_a_lock_from_another_host_expires_unless_refreshed(tmp_path):
+    lock_file = tmp_path / workdir.LOCK_FILE
+    now = time.time()
+    lock_file.write_text(json.dumps({"host": "worker-of-a-deleted-slice", "pid": 1,
+                                     "since": now - 3600, "updated": now - 60}))
+    with pytest.raises(workdir.WorkdirError, match="pid 1 on worker-of-a-deleted-slice"):
+        workdir.Lock(tmp_path, stale_after_s=600).acquire()
+    with workdir.Lock(tmp_path, stale_after_s=30, refresh_s=0.05) as lock:  # 60 s: expired
+        first = lock.holder()
+        assert first["pid"] == os.getpid()
+        time.sleep(0.5)
+        assert lock.holder()["updated"] > first["updated"]  # refreshed while held
+    assert not lock_file.exists()
 
 
 @pytest.fixture
