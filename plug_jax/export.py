@@ -232,7 +232,8 @@ def load_plug(path: str | Path, shardings: Any = None) -> tuple[dict, Any]:
 
 def size_bytes(path: str | Path) -> int:
     """Bytes on disk under `path` (an export, or any checkpoint directory)."""
-    return sum(f.stat().st_size for f in epath.Path(path).rglob("*") if f.is_file())
+    return sum((directory / name).stat().length for directory, _, files in epath.Path(path).walk()
+               for name in files)
 
 
 # ------------------------------------------------------------------------------------- command
