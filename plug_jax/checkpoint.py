@@ -98,7 +98,7 @@ class TrainCheckpointer:
 
     def __init__(self, workdir: str | Path, *, save_every: int = 1000, max_to_keep: int | None = 3,
                  async_save: bool = True):
-        self.directory = (Path(workdir) / CHECKPOINT_DIR).absolute()
+        self.directory = _absolute(epath.Path(workdir) / CHECKPOINT_DIR)
         self.save_every = save_every
         # Only every N steps (0: only forced saves): no save at the first step as Orbax's default
         # policy would, and preemption is PreemptionGuard's business.
@@ -125,6 +125,10 @@ class TrainCheckpointer:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step)` without `force` would save."""
+        return int(step) not in self._manager.all_steps() and self._manager.should_save(int(step))
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
@@ -191,9 +195,13 @@ class TrainCheckpointer:
         self.close()
 
 
-def checkpoint_steps(workdir: str | Path) -> list[int]:
+def _absolute(directory: epath.Path) -> epath.Path:
+    return directory.absolute() if "://" not in str(directory) else directory
+
+
+def checkpoint_steps(workdir: epath.PathLike) -> list[int]:
     """The finished checkpoints' steps under <workdir>/checkpoints, ascending."""
-    directory = Path(workdir) / CHECKPOINT_DIR
+    directory = epath.Path(workdir) / CHECKPOINT_DIR
     return sorted(ocp.utils.checkpoint_steps(directory)) if directory.exists() else []
 
 
@@ -227,7 +235,7 @@ def restore_params(workdir: str | Path, abstract_params: Any, step: int | None =
                    ) -> tuple[Any, int]:
     """(plug params as numpy arrays, step) of a training checkpoint, read alone (no optimizer
     state), arranged like `abstract_params` (boxed or not)."""
-    directory = (Path(workdir) / CHECKPOINT_DIR).absolute()
+    directory = _absolute(epath.Path(workdir) / CHECKPOINT_DIR)
     steps = checkpoint_steps(workdir)
     if not steps:
         raise errors.MissingFileError(f"{directory}: no training checkpoint")

@@ -6,23 +6,33 @@ A command module defines its own flags at import, next to these, and ends with
         cli.run(main, "config", "workdir")
 
 `--config configs/lamp3.py:paper --config.optim.lr=3e-4` reads a config file and overrides fields
-(a misspelt field is an error); `--verbosity=0` brings library INFO logs back.
+(a misspelt field is an error).
 
 Bad input (a `plug_jax.errors.UserError`, a bad flag) ends a command with one line on stderr,
 `error: ...`, and exit status 2; anything else is a bug and keeps its traceback.
+
+Logs: the terminal shows progress bars, the command's own lines, warnings and errors; every log
+line, library INFO chatter included (Orbax, absl, JAX), goes to <workdir>/logs/<command>.log once
+the command has created its workdir (a refused command leaves none), and `--verbose` shows it on
+the terminal too. In a multi-host run only process 0 prints (the others show errors alone; each
+has its own log file).
 """
 
 from __future__ import annotations
 
+import atexit
 import difflib
+import logging as python_logging
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from plug_jax import errors
@@ -35,6 +45,8 @@ COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None,
                                           "host:port of process 0 (multi-host runs).")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+VERBOSE = flags.DEFINE_bool("verbose", False, "Show library INFO logs (Orbax, absl, JAX) on the "
+                            "terminal too; they always go to <workdir>/logs/.")
 
 # Environment variables by which jax.distributed finds a multi-host cluster by itself.
 _CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
@@ -138,8 +150,75 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
         fail(message or type(error).__name__)
 
 
+class _WorkdirLog(python_logging.Handler):
+    """Appends log records to a file in the workdir once the command has created the workdir, and
+    holds them until then: a command refused before it writes anything leaves no directory."""
+
+    HELD = 10_000  # records kept while waiting; a command that never makes its workdir drops them
+
+    def __init__(self, workdir: str, path: str):
+        super().__init__(python_logging.DEBUG)
+        self.setFormatter(python_logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
+        self._workdir, self._path, self._held, self._file = workdir, path, [], None
+        self._closed = False
+
+    def _open(self) -> bool:
+        if self._file is None and not self._closed and os.path.isdir(self._workdir):
+            os.makedirs(os.path.dirname(self._path), exist_ok=True)
+            self._file = open(self._path, "a", encoding="utf-8")
+        return self._file is not None
+
+    def emit(self, record: python_logging.LogRecord) -> None:
+        self._held = (self._held + [record])[-self.HELD:]
+        if self._open():
+            self._file.writelines(self.format(r) + "\n" for r in self._held)
+            self._file.flush()
+            self._held = []
+
+    def close(self) -> None:
+        if self._held and self._open():
+            self._file.writelines(self.format(r) + "\n" for r in self._held)
+        if self._file is not None:
+            self._file.close()
+        self._file, self._closed = None, True
+        super().close()
+
+
+def log_to_workdir(workdir: str | None, *, verbose: bool = False) -> epath.Path | None:
+    """Every log line to <workdir>/logs/<command>[.process<i>].log (from when the workdir exists);
+    on the terminal, warnings and errors (process 0) or errors alone (the others), everything
+    with `verbose`. Returns the log file. A bucket workdir's log is written locally and copied
+    there at exit."""
+    process = jax.process_index() if jax.distributed.is_initialized() else 0
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.INFO)
+    terminal = logging.get_absl_handler()
+    terminal.setLevel(python_logging.NOTSET if verbose
+                      else python_logging.WARNING if process == 0 else python_logging.ERROR)
+    if not workdir:
+        return None
+    program = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "plug_jax"
+    name = program + (f".process{process}" if process else "") + ".log"
+    log = epath.Path(workdir) / "logs" / name
+    remote = "://" in os.fspath(log)
+    local = tempfile.mkdtemp() if remote else os.fspath(workdir)
+    handler = _WorkdirLog(local, os.path.join(local, "logs", name) if not remote
+                          else os.path.join(local, name))
+    python_logging.getLogger().addHandler(handler)
+
+    def finish() -> None:
+        handler.close()
+        if remote and os.path.exists(handler._path) and log.parent.parent.exists():
+            log.parent.mkdir(parents=True, exist_ok=True)
+            epath.Path(handler._path).copy(log, overwrite=True)
+
+    atexit.register(finish)
+    return log
+
+
 def run(main: Callable[[Sequence[str]], None], *required: str, distributed: bool = False) -> None:
-    """absl's app.run with the `required` flags; library INFO logs off unless --verbosity is set.
+    """absl's app.run with the `required` flags and the logs of `log_to_workdir`.
     A `UserError` (or a bad flag) ends the command with one line and exit status 2.
 
     distributed: start jax.distributed first (commands that run on every host of a slice).
@@ -147,11 +226,11 @@ def run(main: Callable[[Sequence[str]], None], *required: str, distributed: bool
     flags.mark_flags_as_required(list(required))
 
     def start(argv: Sequence[str]) -> None:
-        if not flags.FLAGS["verbosity"].present:
-            logging.set_verbosity(logging.WARNING)  # Orbax's and absl's INFO lines drown progress
         use_compilation_cache()
         if distributed:
             initialize_distributed()
+        verbose = VERBOSE.value or flags.FLAGS["verbosity"].present
+        log_to_workdir(WORKDIR.value, verbose=verbose)
         try:
             main(argv)
         except errors.UserError as error:

@@ -27,9 +27,11 @@ from typing import Sequence
 
 import numpy as np
 from absl import flags
+from etils import epath
 
 from plug_jax import (cli, evaluate, experiment, export, methods, metrics, report,
                       significance, train)
+from plug_jax import workdir as workdir_lib
 from plug_jax.data import lamp
 
 METHODS = flags.DEFINE_list("methods", ["majority", "profile", "zero_shot", "instruction", "pplug"],
@@ -40,9 +42,8 @@ ALPHA = 0.05
 
 def _run_one(config, method: methods.Method, seed: int, rundir: Path) -> dict:
     """metrics.json of one run, computed unless a finished run left it."""
-    done = rundir / "metrics.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    if (rundir / "run.json").exists():  # written last: the run finished
+        return json.loads((rundir / "metrics.json").read_text())
     config = copy.deepcopy(config)
     config.method, config.seed = method.name, seed
     if method.label_choice:
@@ -65,7 +66,7 @@ def _run_one(config, method: methods.Method, seed: int, rundir: Path) -> dict:
         exp = experiment.build(config, rundir, with_llm=method.uses_llm)
         results = evaluate.evaluate(exp, None, splits, rundir, method=method.name, baselines=())
         evaluate.write_metrics(results, rundir)
-    (rundir / "run.json").write_text(json.dumps({"seconds": time.time() - started}) + "\n")
+    workdir_lib.write_json(rundir / "run.json", {"seconds": time.time() - started})
     return results
 
 
@@ -154,7 +155,7 @@ def compare(config, workdir: str | Path, method_names: Sequence[str], seeds: int
             command: str = "") -> dict:
     """Runs the methods (resuming), writes compare.json and compare.md; returns the table."""
     cli.check_writable(workdir)
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     started = time.time()
     config = copy.deepcopy(config)
     task = lamp.get_task(config.data.task)
@@ -187,10 +188,10 @@ def compare(config, workdir: str | Path, method_names: Sequence[str], seeds: int
     if config.data.max_eval_examples:
         golds = {split: g[:config.data.max_eval_examples] for split, g in golds.items()}
     tests = significance_against_best(task, table, rundirs, golds)
-    (workdir / "compare.json").write_text(json.dumps(table, indent=2) + "\n")
-    (workdir / "significance.json").write_text(json.dumps(tests, indent=2) + "\n")
+    workdir_lib.write_json(workdir / "compare.json", table, indent=2)
+    workdir_lib.write_json(workdir / "significance.json", tests, indent=2)
     markdown = format_markdown(task, table, tests, seconds, command, time.time() - started)
-    (workdir / "compare.md").write_text(markdown)
+    workdir_lib.write_text(workdir / "compare.md", markdown)
     report.write_compare_report(workdir, task.name, table)
     cli.echo(markdown)
     return table

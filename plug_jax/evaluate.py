@@ -10,19 +10,20 @@ predictions in the LaMP outputs format plus `metrics.json`.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 import scipy.special
 from absl import flags
+from etils import epath
 from tqdm import tqdm
 
 from plug_jax import (baselines as baselines_lib, cli, decode, errors, export, metrics,
                       sharding)
+from plug_jax import workdir as workdir_lib
 from plug_jax.methods import LABEL_CHOICES
 from plug_jax.data import grain_pipeline, lamp, pipeline
 
@@ -222,7 +223,7 @@ def evaluate(experiment, plug_params, splits: Sequence[str], workdir: str | Path
                                  desc=f"{name} {split}", generate_fn=generate_fn,
                                  label_nll_fn=label_nll_fn)
             if write:
-                lamp.write_predictions(Path(workdir) / f"predictions_{name}_{split}.json",
+                lamp.write_predictions(epath.Path(workdir) / f"predictions_{name}_{split}.json",
                                        task.name, [e.id for e in examples], outputs)
             if all(g is not None for g in golds):
                 results.setdefault(name, {})[split] = metrics.evaluate(task.name, outputs, golds)
@@ -245,9 +246,8 @@ def format_table(results: dict, task_name: str) -> str:
 
 
 def write_metrics(results: dict, workdir: str | Path) -> Path:
-    path = Path(workdir) / "metrics.json"
-    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    return path
+    return workdir_lib.write_json(epath.Path(workdir) / "metrics.json", results, indent=2,
+                                  sort_keys=True)
 
 
 SPLIT = flags.DEFINE_multi_string("split", None,
@@ -261,7 +261,7 @@ def main(argv: Sequence[str]) -> None:
     config, workdir = cli.CONFIG.value, cli.WORKDIR.value
     splits = tuple(SPLIT.value) if SPLIT.value else tuple(config.data.eval_splits)
     cli.check_writable(workdir)
-    plug_path = Path(workdir) / "plug"
+    plug_path = epath.Path(workdir) / "plug"
     # The plug must have been trained under this config where it matters: checked before the
     # LLM loads (the config's fields), then against the loaded LLM and encoder (their widths and
     # weights), before anything is written.

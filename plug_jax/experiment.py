@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
 from plug_jax import errors, llm as llm_lib, methods, plug, sharding
 from plug_jax.data import history as history_lib, lamp, synthetic
@@ -81,9 +82,9 @@ class Experiment:
 def data_dir(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     """The LaMP directory to read; synthetic data is written into the workdir on first use."""
     if config.data.dir:
-        return Path(config.data.dir)
+        return epath.Path(config.data.dir)
     synth = config.data.synthetic
-    directory = Path(workdir) / "data" / f"synthetic_{config.data.task}_seed{synth.seed}"
+    directory = epath.Path(workdir) / "data" / f"synthetic_{config.data.task}_seed{synth.seed}"
     if not (directory / "stats.json").exists():
         synthetic.write_lamp_dir(directory, config.data.task, num_users=synth.num_users,
                                  examples_per_user=synth.examples_per_user,
@@ -103,7 +104,7 @@ def _split_reader(config: ml_collections.ConfigDict, workdir: str | Path, direct
         raise errors.ConfigError(f"config.data.source {source!r}: expected 'json' or 'tfds'")
     from plug_jax.data import tfds_lamp  # TFDS only for this source
 
-    tfds_dir = config.data.get("tfds_dir") or Path(workdir) / "tfds"
+    tfds_dir = config.data.get("tfds_dir") or epath.Path(workdir) / "tfds"
     # Process 0 prepares; the others then find the data prepared (or prepare their host's copy).
     if jax.process_index() == 0:
         builder = tfds_lamp.prepare(directory, tfds_dir, config.data.task)
@@ -235,7 +236,7 @@ def history_table(config: ml_collections.ConfigDict, workdir: str | Path,
         (e.history for split in examples.values() for e in split),
         history_encoder(config, encoder_config, encoder_params, encoder_dir),
         encoder_config.hidden_size, encoder_id(config, encoder_config, encoder_dir),
-        config.data.cache_dir or Path(workdir) / "cache", progress=progress)
+        config.data.cache_dir or epath.Path(workdir) / "cache", progress=progress)
 
 
 def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,

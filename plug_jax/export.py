@@ -30,9 +30,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import flags
+from etils import epath
 from jax.experimental import multihost_utils
 
 from plug_jax import checkpoint, cli, errors, plug
+from plug_jax import workdir as workdir_lib
 from plug_jax.models import bert
 from plug_jax.models.layers import unboxed
 
@@ -173,7 +175,7 @@ def plug_config_from_run_config(config: ml_collections.ConfigDict) -> dict:
 def read_plug_config(path: str | Path) -> dict:
     """A plug_config.json of this format; PlugFormatError for any other."""
     try:
-        plug_config = json.loads(Path(path).read_text(encoding="utf-8"))
+        plug_config = json.loads(epath.Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise errors.MissingFileError(f"{path}: missing (not an exported plug)") from None
     except (ValueError, OSError) as e:  # invalid JSON or UTF-8, unreadable
@@ -184,16 +186,21 @@ def read_plug_config(path: str | Path) -> dict:
     return plug_config
 
 
-def _write_json(path: Path, value: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(dict(value), indent=2, sort_keys=True) + "\n")
+def _write_json(path: epath.Path, value: Mapping[str, Any]) -> None:
+    workdir_lib.write_json(path, dict(value), indent=2, sort_keys=True)
 
 
 def write_run_plug_config(workdir: str | Path, plug_config: Mapping[str, Any]) -> None:
     """The description of a run's plug, next to its training checkpoints (process 0 writes)."""
     if jax.process_index() == 0:
-        directory = Path(workdir) / checkpoint.CHECKPOINT_DIR
+        directory = epath.Path(workdir) / checkpoint.CHECKPOINT_DIR
         directory.mkdir(parents=True, exist_ok=True)
         _write_json(directory / PLUG_CONFIG_FILE, plug_config)
+
+
+def _absolute(location: epath.PathLike) -> epath.Path:
+    location = epath.Path(location)
+    return location.absolute() if workdir_lib.is_local(location) else location
 
 
 def abstract_plug_params(embedder: plug.UserEmbedder) -> Any:
@@ -223,7 +230,7 @@ def export_plug(out: str | Path, params: Any, plug_config: Mapping[str, Any]) ->
     All processes must call it (sharded params are gathered); the config is written last, so a
     directory with one holds a complete export.
     """
-    out = Path(out).absolute()
+    out = _absolute(out)
     params = _host_tree(unboxed(params))
     plug_config = dict(plug_config, format=FORMAT,
                        num_params=int(sum(x.size for x in jax.tree.leaves(params))))
@@ -243,7 +250,7 @@ def export_plug(out: str | Path, params: Any, plug_config: Mapping[str, Any]) ->
 def load_plug(path: str | Path, shardings: Any = None) -> tuple[dict, Any]:
     """(plug_config, params) of an export; params unboxed, on the default device or placed as
     `shardings` says (one sharding, or a tree of them matching the params)."""
-    path = Path(path).absolute()
+    path = _absolute(path)
     config_path = path / PLUG_CONFIG_FILE
     if not config_path.exists():
         raise errors.MissingFileError(f"{path}: not an exported plug (no {PLUG_CONFIG_FILE}; train "
@@ -263,7 +270,8 @@ def load_plug(path: str | Path, shardings: Any = None) -> tuple[dict, Any]:
 
 def size_bytes(path: str | Path) -> int:
     """Bytes on disk under `path` (an export, or any checkpoint directory)."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return sum((directory / name).stat().length for directory, _, files in epath.Path(path).walk()
+               for name in files)
 
 
 # ------------------------------------------------------------------------------------- command
@@ -286,7 +294,7 @@ def run_plug_config(workdir: Path) -> dict:
 
 def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
     """Writes the plug of `workdir`'s latest (or `step`'s) checkpoint to `out`; returns `out`."""
-    workdir, started = Path(workdir), time.time()
+    workdir, started = epath.Path(workdir), time.time()
     checkpoints = workdir / checkpoint.CHECKPOINT_DIR
     steps = checkpoint.checkpoint_steps(workdir)
     if not steps:

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 from matplotlib.ticker import MaxNLocator
 
 from plug_jax import metrics
+from plug_jax import workdir as workdir_lib
 from plug_jax.data import lamp
 
 USERS_SHOWN = 3
@@ -32,6 +34,11 @@ def _short(text: str, chars: int) -> str:
 
 
 # ------------------------------------------------------------------------------------ figures
+
+def _save_png(figure: Figure, path: epath.PathLike) -> None:
+    with workdir_lib.open_atomic(path, "wb") as file:
+        figure.savefig(file, format="png", dpi=120)
+
 
 def loss_figure(records: Sequence[Mapping[str, float]], path: Path) -> Path:
     """Training loss and learning rate against the step (train_metrics.jsonl's records)."""
@@ -50,7 +57,7 @@ def loss_figure(records: Sequence[Mapping[str, float]], path: Path) -> Path:
     lr_axes.set_xlabel("training step")
     lr_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     lr_axes.grid(alpha=0.3)
-    figure.savefig(path, dpi=120)
+    _save_png(figure, path)
     return path
 
 
@@ -88,13 +95,13 @@ def metric_figure(results: Mapping[str, Any], task_name: str, path: Path) -> Pat
         axes.set_xlabel(f"{headline.name} ({better} is better)")
         axes.set_title(f"{task_name}, split {split}")
         axes.grid(axis="x", alpha=0.3)
-    figure.savefig(path, dpi=120)
+    _save_png(figure, path)
     return path
 
 
 def attention_figure(users: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """For each user, the aggregator's weights over their most attended history items."""
-    draw_attention(users).savefig(path, dpi=120)
+    _save_png(draw_attention(users), path)
     return path
 
 
@@ -196,7 +203,7 @@ def write_run_report(workdir: str | Path, task_name: str, *, method: str,
                      users: Sequence[Mapping[str, Any]] = (), split: str = "dev") -> Path:
     """report.md (and its PNGs) of a training run, from the files it wrote and `users`
     (`attention_users`)."""
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     lines = [f"# {task_name}: {method}", ""]
     records = _read_jsonl(workdir / "train_metrics.jsonl")
     if records:
@@ -225,18 +232,16 @@ def write_run_report(workdir: str | Path, task_name: str, *, method: str,
                 lines.append(f"| {item['weight']:.3f} | {_md(item['label'] or '')} | "
                              f"{_md(item['text'])} |")
             lines.append("")
-    path = workdir / "report.md"
-    path.write_text("\n".join(lines))
+    path = workdir_lib.write_text(workdir / "report.md", "\n".join(lines))
     return path
 
 
 def write_compare_report(workdir: str | Path, task_name: str, table: Mapping[str, Any]) -> Path:
     """report.md of plug_jax.compare: the table and the headline metric with its spread over
     seeds (compare.json's form)."""
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     metric_figure(table, task_name, workdir / "metrics.png")
     lines = [f"# {task_name}: methods compared", ""] + _metric_table(table) + [
         "", "![headline metric by method, mean ± std over seeds](metrics.png)", ""]
-    path = workdir / "report.md"
-    path.write_text("\n".join(lines))
+    path = workdir_lib.write_text(workdir / "report.md", "\n".join(lines))
     return path

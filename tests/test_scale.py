@@ -230,6 +230,26 @@ def _signalled_run(tmp_path: Path, env: dict, signum: int, at_step: int
     return process, workdir
 
 
+def test_a_workdir_that_the_processes_do_not_share_is_refused(env, tmp_path):
+    """Two processes, each with its own directory: both stop with one line before any work."""
+    port, = _free_ports(1)
+    processes = [_start(_train_args(tmp_path / f"process{index}_only",
+                                    f"--coordinator_address=localhost:{port}",
+                                    "--num_processes=2", f"--process_id={index}"),
+                        env, tmp_path / f"process{index}.log") for index in range(2)]
+    for process in processes:
+        try:
+            process.wait(timeout=300)
+        finally:
+            process.kill()
+        output = process.log.read_text()
+        assert process.returncode == 1, output[-6000:]
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "is not shared by the run's processes: process(es) [1]" \
+            in errors[0], output[-6000:]
+    assert not (tmp_path / "process0_only" / "checkpoints").exists()
+
+
 # The 1-device runs first: they need only the reference, while the long runs go on.
 
 def test_a_killed_run_resumes_to_the_plug_of_an_uninterrupted_one(reference, env, tmp_path):
@@ -237,11 +257,13 @@ def test_a_killed_run_resumes_to_the_plug_of_an_uninterrupted_one(reference, env
     assert killed.returncode == -signal.SIGKILL, killed.log.read_text()[-6000:]
     saved = checkpoint.checkpoint_steps(workdir)
     assert saved in ([2], [2, 4]) and not (workdir / "plug").exists()  # killed mid-way
+    assert (workdir / "run.lock").exists()  # stale: its owner is dead, the rerun takes it over
 
     resumed = _finish(_start(_train_args(workdir), env, tmp_path / "resumed.log"))
     start = int(resumed.split("resumed from the checkpoint of step ")[1].split()[0])
     print(f"killed at step 4 with checkpoints {saved} on disk: resumed from step {start}")
     assert start == max(saved)
+    assert not (workdir / "run.lock").exists()
     assert _losses(workdir) == _losses(reference)  # every step, exactly
     reference_config, reference_plug = export.load_plug(reference / "plug")
     config, plug = export.load_plug(workdir / "plug")

@@ -163,3 +163,80 @@ def test_the_exported_plug_reproduces_the_run_metrics(tiny_run, tmp_path):
     assert jax.tree.map(lambda x: x.sharding, placed) == shardings
     again = evaluate.evaluate(exp, plug_params, ("dev",), tmp_path, baselines=())
     assert again["pplug"]["dev"] == result.metrics["pplug"]["dev"]
+
+
+def test_two_runs_of_one_config_write_the_same_bytes(tiny_trained_run, tmp_path):
+    """Same config and seed on the same machine: the same metrics, losses and predictions, byte
+    for byte (data order, history cache, initialization and XLA:CPU are all deterministic)."""
+    import copy
+
+    workdir, first = tiny_trained_run
+    train.run(copy.deepcopy(first.experiment.config), tmp_path)
+    for name in ("metrics.json", "train_metrics.jsonl", "predictions_pplug_dev.json",
+                 "attention.json"):
+        assert (tmp_path / name).read_bytes() == (workdir / name).read_bytes(), name
+
+
+# The training command with a loss that turns NaN at step 3 (the update itself stays finite).
+NAN_FROM_STEP_3 = """
+import jax.numpy as jnp
+from plug_jax import cli, train
+
+update = train.train_step
+
+def nan_from_step_3(state, *args, **kwargs):
+    new_state, stats = update(state, *args, **kwargs)
+    return new_state, dict(stats, loss=jnp.where(state["step"] >= 2, jnp.nan, stats["loss"]))
+
+train.train_step = nan_from_step_3
+cli.run(train.main, "config", "workdir", distributed=True)
+"""
+NAN_RUN_FIELDS = {"optim.max_steps": 6, "checkpoint.save_every": 2, "log_every": 100,
+                  "data.eval_splits": ()}
+
+
+def test_a_nan_loss_stops_before_any_checkpoint_holds_it_and_logs_stay_quiet(tmp_path):
+    """The loss is fetched at logging and checkpoint steps only: NaN at step 3 is seen at step 4's
+    save, which does not happen; the run exits 1 with one line naming step 3; a rerun resumes
+    from step 2. The terminal shows no INFO line, the workdir's log file holds them."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from plug_jax import checkpoint
+
+    repo = Path(__file__).resolve().parents[1]
+    script, workdir = tmp_path / "nan_train.py", tmp_path / "run"
+    script.write_text(NAN_FROM_STEP_3)
+    overrides = [f"--config.{name}={value}" for name, value in NAN_RUN_FIELDS.items()]
+    done = subprocess.run(
+        [sys.executable, str(script), "--config=configs/lamp3.py:tiny", *overrides,
+         f"--workdir={workdir}"], cwd=repo, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu",
+                 JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir))
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-6000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in output, output[-6000:]
+    assert errors[0].startswith("error: the training loss is nan at step 3: stopped without "
+                                "saving it; the checkpoint of step 2 is intact"), errors
+    assert checkpoint.checkpoint_steps(workdir) == [2]
+    assert not (workdir / "run.lock").exists()
+    assert not re.search(r"\bINFO\b|^I\d{4} ", output, re.MULTILINE), output[-6000:]
+    assert "training:" in output  # the progress bar
+    log = (workdir / "logs" / "nan_train.log").read_text()
+    assert re.search(r" INFO .*orbax", log), log[-3000:]
+
+    config = lamp3.get_config("tiny")
+    for name, value in NAN_RUN_FIELDS.items():
+        *parents, field = name.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[field] = value
+    resumed = train.run(config, workdir)
+    assert resumed.start_step == 2
+    assert len(resumed.losses) == 4 and np.all(np.isfinite(resumed.losses))
+    assert checkpoint.checkpoint_steps(workdir)[-1] == 6

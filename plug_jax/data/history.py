@@ -9,13 +9,15 @@ file, never a stale one.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+import safetensors.numpy
+from etils import epath
 from tqdm import tqdm
+
+from plug_jax import workdir
 
 EncodeFn = Callable[[Sequence[str]], np.ndarray]
 
@@ -69,12 +71,21 @@ def _encode_all(texts: Sequence[str], encode: EncodeFn, width: int, batch_size: 
     return np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
 
 
+def _read(path: epath.Path) -> dict[str, np.ndarray]:
+    return safetensors.numpy.load(path.read_bytes())
+
+
+def _write(path: epath.Path, embeddings: np.ndarray, keys: np.ndarray) -> None:
+    """Whole or not at all (a temporary file, then a rename): readers never see half a cache."""
+    workdir.write_bytes(path, safetensors.numpy.save({"embeddings": embeddings, "keys": keys}))
+
+
 def cache_path(cache_dir: str | Path, encoder_id: str, texts: Sequence[str]) -> Path:
     digest = hashlib.blake2b(digest_size=12)
     digest.update(encoder_id.encode("utf-8"))
     for text in texts:
         digest.update(_text_key(text))
-    return Path(cache_dir) / f"history-{digest.hexdigest()}.safetensors"
+    return epath.Path(cache_dir) / f"history-{digest.hexdigest()}.safetensors"
 
 
 def build_history_table(histories: Iterable[Sequence[str]], encode: EncodeFn, width: int,
@@ -84,14 +95,11 @@ def build_history_table(histories: Iterable[Sequence[str]], encode: EncodeFn, wi
     texts = sorted({text for history in histories for text in history})
     path = cache_path(cache_dir, encoder_id, texts)
     if path.exists():
-        tensors = load_file(str(path))
+        tensors = _read(path)
         return HistoryTable(tensors["embeddings"], tensors["keys"], path)
     embeddings = _encode_all(texts, encode, width, batch_size, progress)
     keys = _key_array([_text_key(t) for t in texts])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    save_file({"embeddings": embeddings, "keys": keys}, str(partial))
-    partial.rename(path)
+    _write(path, embeddings, keys)
     return HistoryTable(embeddings, keys, path)
 
 
@@ -108,9 +116,9 @@ class TextEmbeddingCache:
         self._vectors: dict[bytes, np.ndarray] = {}
         if cache_dir is not None:
             digest = hashlib.blake2b(encoder_id.encode("utf-8"), digest_size=12).hexdigest()
-            self.directory = Path(cache_dir) / f"texts-{digest}"
+            self.directory = epath.Path(cache_dir) / f"texts-{digest}"
             for shard in sorted(self.directory.glob("*.safetensors")):
-                tensors = load_file(str(shard))
+                tensors = _read(shard)
                 self._vectors.update(zip(map(bytes, tensors["keys"]), tensors["embeddings"]))
 
     def __len__(self) -> int:
@@ -134,8 +142,5 @@ class TextEmbeddingCache:
     def _save(self, keys: np.ndarray, embeddings: np.ndarray) -> None:
         if self.directory is None:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
         name = hashlib.blake2b(keys.tobytes(), digest_size=12).hexdigest()
-        partial = self.directory / f"{name}.{os.getpid()}.partial"
-        save_file({"embeddings": embeddings, "keys": keys}, str(partial))
-        partial.rename(self.directory / f"{name}.safetensors")
+        _write(self.directory / f"{name}.safetensors", embeddings, keys)

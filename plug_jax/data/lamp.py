@@ -19,12 +19,13 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from plug_jax import errors
+from etils import epath
+
+from plug_jax import errors, workdir
 
 TaskKind = Literal["classification", "regression", "generation"]
 
@@ -519,7 +520,7 @@ def load_split(data_dir: str | os.PathLike[str], split: str,
       LampFormatError: a missing questions file, invalid JSON, a record that breaks the format,
         or no question at all; the one-line message names the file, the record and the field.
     """
-    data_dir = Path(data_dir)
+    data_dir = epath.Path(data_dir)
     questions_path = data_dir / f"{split}_questions.json"
     outputs_path = data_dir / f"{split}_outputs.json"
     if not questions_path.is_file():
@@ -536,7 +537,7 @@ def load_split(data_dir: str | os.PathLike[str], split: str,
 
 def read_outputs(path: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
     """Reads a LaMP outputs file (golds or predictions) -> (task name, {id: output})."""
-    path = Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise LampFormatError(f"{path.parent}: no {path.name}")
     return _parse_outputs(_read_json(path), str(path))
@@ -544,17 +545,9 @@ def read_outputs(path: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Writes `obj` as UTF-8 JSON atomically: a temporary file, then a rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with workdir.open_atomic(path, "w") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+        f.write("\n")
 
 
 def write_predictions(path: str | os.PathLike[str], task_name: str, ids: Sequence[str],

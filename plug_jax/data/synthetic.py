@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from plug_jax.data import lamp
 
@@ -415,7 +416,7 @@ def write_lamp_dir(out_dir: str | os.PathLike[str], task_name: str, num_users: i
     Also writes stats.json (counts, as the real data's) and users.json (each user's hidden
     preference, for analysis only: models must not read it).
     """
-    out_dir = Path(out_dir)
+    out_dir = epath.Path(out_dir)
     files = generate_files(task_name, num_users, examples_per_user, profile_size, seed,
                            new_user_fraction)
     stats: dict[str, Any] = {"task": lamp.get_task(task_name).name, "num_users": num_users,
