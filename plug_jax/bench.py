@@ -33,7 +33,6 @@ transformers BertModel with the same weights, pooled and normalized the same way
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -265,10 +264,8 @@ def decode(config: ml_collections.ConfigDict, workdir: str | Path | None = None,
     params = exp.init_plug_params(jax.random.key(config.seed))
     host_params = jax.device_get(params)
     method = "greedy" if config.decode.method == "score" else config.decode.method
-    decode_config = ml_collections.ConfigDict({**config.decode.to_dict(), "method": method})
     max_new, beams = config.decode.max_new_tokens, config.decode.num_beams
-    generate = jax.jit(functools.partial(evaluate._generate, experiment=exp,
-                                         decode_config=decode_config))
+    generate = evaluate.make_generate_fn(exp)  # 'score' generates greedily
     eos_id = exp.llm.eos_id
     shapes = {"task": config.data.task, "llm": config.llm.path, "encoder": config.encoder.path,
               "split": split, "batch_size": batch_size, "prompt_length": llm_length,
