@@ -50,7 +50,7 @@ from plug_jax.models import llama
 
 # What --config may change: where the models live here, and how to decode. The rest is the recipe
 # the plug was trained with.
-RUNTIME_FIELDS = ("llm.path", "llm.dtype", "llm.remat", "llm.remat_policy", "encoder.path", "decode", "mesh")
+RUNTIME_FIELDS = ("llm.path", "llm.dtype", "llm.remat", "encoder.path", "decode", "mesh")
 # Token-embedding RMS of the LLM the plug was trained for, against this one's: a bfloat16 copy of
 # the same LLM is within 1e-3.
 FINGERPRINT_RTOL = 1e-2
