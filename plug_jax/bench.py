@@ -2,9 +2,14 @@
 
   python -m plug_jax.bench train --config configs/lamp3.py [--peer torch] [--steps N] [--out bench.json]
 
-The first argument names the benchmark (`BENCHMARKS`; `train` for now, `decode` and `embed` to
-come): a function (config, workdir, *, steps, warmup, peer) -> result dict, and one that formats
-the result as a table. The result, with the machine's description, goes to --out as JSON.
+  python -m plug_jax.bench decode --config configs/lamp3.py [--peer torch] [--steps N]
+  python -m plug_jax.bench embed --config configs/lamp3.py [--peer torch] [--texts N]
+
+The first argument names the benchmark (`BENCHMARKS`): a function (config, workdir, *, steps,
+warmup, peer) -> result dict, and one that formats the result as a table. The result, with the
+machine's description, goes to --out as JSON. Steady-state figures are medians over `steps` timed
+repetitions after the first call (ours compiles there: the persistent cache is off) and `warmup`
+untimed ones; ours and the peer alternate, so that load from other jobs falls on both alike.
 
 train: the jitted update exactly as `train.run` builds it (donated state, the frozen LLM an
 argument) on one featurized batch of the config's shapes, and with --peer torch the same step in
@@ -14,6 +19,16 @@ other jobs falls on both alike. Model FLOPs per step:
 N: LLM parameters; T: LLM tokens of the batch (padded length + soft tokens, times batch size),
 each costing 2N forward and 2N in the activation-only backward (the LLM's weights get no
 gradient); P: plug parameters; Q: query-encoder tokens (padded), at 6P forward + backward.
+
+decode: one batch of config.decode.eval_batch_size questions of the first evaluation split,
+answered by our jitted generation (plug, prefill, cached decoding; the configured search, greedy
+where it is 'score') and by transformers' `generate` on the same weights, soft tokens, beams and
+lengths (`torch_peer.TorchDecodePeer`). Tokens/s counts the answers' tokens up to their EOS.
+
+embed: the distinct history texts of the configured data (--texts caps them), embedded as
+training embeds them (`history.encode_texts`: sorted by length, bucketed shapes) and by a
+transformers BertModel with the same weights, pooled and normalized the same way
+(`torch_peer.sentence_embeddings`, batches padded to their longest).
 """
 
 from __future__ import annotations
@@ -35,14 +50,16 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from plug_jax import cli, errors, sharding
+from plug_jax import cli, decode as decode_lib, errors, evaluate, sharding
 from plug_jax import experiment as experiment_lib
 from plug_jax import train as train_lib
-from plug_jax.data import pipeline
+from plug_jax.data import history as history_lib, pipeline
+from plug_jax.models import bert
 
 PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time the same step in this framework.")
 STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the warm-up); the median is reported.")
 WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after the first call.")
+TEXTS = flags.DEFINE_integer("texts", 0, "embed: the most history texts to embed; 0: all.")
 
 
 def machine() -> dict:
@@ -178,6 +195,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
     return result
 
 
+def _machine_line(machine_info: dict) -> str:
+    return (f"machine: {machine_info['platform']}, {machine_info['usable_cpus']}/"
+            f"{machine_info['cpu_count']} CPUs, load {machine_info['load_average'][0]:.1f}; "
+            f"jax {machine_info['jax']} ({machine_info['jax_backend']})"
+            + (f", torch {machine_info['torch']} ({machine_info['torch_threads']} threads)"
+               if "torch" in machine_info else ""))
+
+
+def _table(rows: Sequence[tuple[str, str, str, float]], ours: dict, peer: dict | None) -> list[str]:
+    """Rows (label, key, format, unit): ours, the peer's, and peer / ours."""
+    lines = [f"{'':34}{'ours (JAX)':>14}" + (f"{'torch':>14}{'torch/ours':>12}" if peer else "")]
+    for label, key, fmt, unit in rows:
+        line = f"{label:34}{fmt.format(ours[key] / unit):>14}"
+        if peer:
+            ratio = peer[key] / ours[key] if ours[key] else float("nan")
+            line += f"{fmt.format(peer[key] / unit):>14}{ratio:>12.2f}"
+        lines.append(line)
+    return lines
+
+
 def format_train(result: dict) -> str:
     shapes, ours, peer = result["shapes"], result["ours"], result.get("peer")
     rows = [("first call, s (ours: compile)", "first_call_s", "{:.2f}", 1),
@@ -187,7 +224,6 @@ def format_train(result: dict) -> str:
             ("GFLOP / s", "flops_per_s", "{:.2f}", 1e9),
             ("loss of the first step", "first_loss", "{:.5f}", 1),
             ("peak RSS, MiB (process so far)", "peak_rss_mb", "{:.0f}", 1)]
-    machine_info = result["machine"]
     lines = [f"train step: {shapes['task']}, LLM {shapes['llm']} ({shapes['llm_params'] / 1e6:.1f}M "
              f"frozen), encoder {shapes['encoder']}, plug {shapes['plug_params'] / 1e6:.2f}M",
              f"batch {shapes['batch_size']} x ({shapes['llm_length']} LLM + "
@@ -196,24 +232,222 @@ def format_train(result: dict) -> str:
              f"model FLOPs / step = 4 N T + 6 P Q = 4 x {shapes['llm_params']} x "
              f"{result['flops_terms']['llm_tokens']} + 6 x {shapes['plug_params']} x "
              f"{result['flops_terms']['query_tokens']} = {result['flops_per_step'] / 1e9:.2f} GFLOP",
-             f"machine: {machine_info['platform']}, {machine_info['usable_cpus']}/"
-             f"{machine_info['cpu_count']} CPUs, load {machine_info['load_average'][0]:.1f}; "
-             f"jax {machine_info['jax']} ({machine_info['jax_backend']})"
-             + (f", torch {machine_info['torch']} ({machine_info['torch_threads']} threads)"
-                if "torch" in machine_info else ""), ""]
-    header = f"{'':34}{'ours (JAX)':>14}" + (f"{'torch':>14}{'torch/ours':>12}" if peer else "")
-    lines.append(header)
-    for label, key, fmt, unit in rows:
-        line = f"{label:34}{fmt.format(ours[key] / unit):>14}"
-        if peer:
-            ratio = peer[key] / ours[key] if ours[key] else float("nan")
-            line += f"{fmt.format(peer[key] / unit):>14}{ratio:>12.2f}"
-        lines.append(line)
+             _machine_line(result["machine"]), ""]
+    return "\n".join(lines + _table(rows, ours, peer))
+
+
+def answer_tokens(tokens: np.ndarray, eos_id: int) -> int:
+    """Tokens of [B, T] answers up to and including each row's first EOS."""
+    return int(sum(min(len(row), len(kept) + 1)
+                   for row, kept in zip(tokens, decode_lib.strip_after_eos(tokens, eos_id))))
+
+
+def _throughput(times: Sequence[float], first_call_s: float, items: int, tokens: int) -> dict:
+    step = statistics.median(times)
+    return {"first_call_s": first_call_s, "step_s": step, "step_times_s": list(times),
+            "examples_per_s": items / step, "tokens_per_s": tokens / step}
+
+
+def decode(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
+           steps: int = 5, warmup: int = 1, peer: str | None = None) -> dict:
+    """Times our generation (and transformers' generate) on one evaluation batch."""
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="plug_jax_bench_"))
+    split = config.data.eval_splits[0]
+    cli.echo(f"building the experiment: LLM {config.llm.path}, encoder {config.encoder.path}")
+    exp = experiment_lib.build(config, workdir, splits=(config.data.train_split, split),
+                               progress=False)
+    examples = list(exp.splits[split])
+    batch_size = config.decode.eval_batch_size
+    chosen = [examples[i % len(examples)] for i in range(batch_size)]
+    llm_length = pipeline.longest_llm_length(exp.llm, chosen, config.data, with_targets=False)
+    features = pipeline.make_featurize(exp, llm_length, with_targets=False)(chosen)
+    params = exp.init_plug_params(jax.random.key(config.seed))
+    host_params = jax.device_get(params)
+    method = "greedy" if config.decode.method == "score" else config.decode.method
+    max_new, beams = config.decode.max_new_tokens, config.decode.num_beams
+    generate = evaluate.make_generate_fn(exp)  # 'score' generates greedily
+    eos_id = exp.llm.eos_id
+    shapes = {"task": config.data.task, "llm": config.llm.path, "encoder": config.encoder.path,
+              "split": split, "batch_size": batch_size, "prompt_length": llm_length,
+              "prompt_tokens": int(features["mask"].sum()),
+              "soft_tokens": exp.embedder.num_soft_tokens, "method": method,
+              "num_beams": beams if method == "beam" else 1, "max_new_tokens": max_new,
+              "llm_params": count_params(exp.llm_params)}
+
+    def ours_once():
+        return np.asarray(jax.block_until_ready(generate(exp.llm_params, params, features)))
+
+    cli.echo(f"compiling and running our first {method} decode...")
+    tick = time.perf_counter()
+    our_tokens = ours_once()
+    our_first_s = time.perf_counter() - tick
+    for _ in range(warmup):
+        ours_once()
+    ours_rss = peak_rss_mb()
+
+    peer_model = None
+    if peer == "torch":
+        import torch
+
+        from plug_jax import torch_peer
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        cli.echo(f"building the torch peer ({torch.get_num_threads()} threads)...")
+        peer_model = torch_peer.TorchDecodePeer(exp, host_params)
+        peer_batch = torch_peer.to_torch(features)
+
+        def peer_once():
+            return peer_model.generate(peer_batch, method=method, max_new_tokens=max_new,
+                                       num_beams=beams)
+
+        tick = time.perf_counter()
+        peer_tokens = peer_once()
+        peer_first_s = time.perf_counter() - tick
+        for _ in range(warmup):
+            peer_once()
+    elif peer is not None:
+        raise ValueError(f"peer {peer!r}: expected 'torch' or None")
+
+    cli.echo(f"timing {steps} decodes" + (" of each, alternating" if peer_model else ""))
+    our_times, peer_times = [], []
+    for _ in range(steps):
+        our_times.append(_seconds(ours_once))
+        if peer_model is not None:
+            peer_times.append(_seconds(peer_once))
+
+    result = {"benchmark": "decode", "machine": machine(), "shapes": shapes,
+              "ours": {**_throughput(our_times, our_first_s, batch_size,
+                                     answer_tokens(our_tokens, eos_id)),
+                       "peak_rss_mb": ours_rss}}
+    if peer_model is not None:
+        result["peer"] = {"name": "torch",
+                          **_throughput(peer_times, peer_first_s, batch_size,
+                                        answer_tokens(peer_tokens, eos_id)),
+                          "peak_rss_mb": peak_rss_mb()}
+        result["peer_over_ours"] = result["peer"]["step_s"] / result["ours"]["step_s"]
+        result["same_answers"] = float(np.mean(
+            [a == b for a, b in zip(decode_lib.strip_after_eos(our_tokens, eos_id),
+                                    decode_lib.strip_after_eos(peer_tokens, eos_id))]))
+    return result
+
+
+def format_decode(result: dict) -> str:
+    shapes, ours, peer = result["shapes"], result["ours"], result.get("peer")
+    rows = [("first call, s (ours: compile)", "first_call_s", "{:.2f}", 1),
+            (f"batch decode, s (median of {len(ours['step_times_s'])})", "step_s", "{:.4f}", 1),
+            ("examples / s", "examples_per_s", "{:.2f}", 1),
+            ("answer tokens / s", "tokens_per_s", "{:.1f}", 1),
+            ("peak RSS, MiB (process so far)", "peak_rss_mb", "{:.0f}", 1)]
+    lines = [f"decode: {shapes['task']} {shapes['split']}, LLM {shapes['llm']} "
+             f"({shapes['llm_params'] / 1e6:.1f}M), {shapes['method']} "
+             f"(beams {shapes['num_beams']}), at most {shapes['max_new_tokens']} new tokens",
+             f"batch {shapes['batch_size']} x ({shapes['prompt_length']} prompt + "
+             f"{shapes['soft_tokens']} soft) slots, {shapes['prompt_tokens']} prompt tokens",
+             _machine_line(result["machine"]), ""]
+    lines += _table(rows, ours, peer)
+    if peer:
+        lines.append(f"same answers as ours: {result['same_answers']:.0%}")
+    return "\n".join(lines)
+
+
+def history_texts(config: ml_collections.ConfigDict, workdir: str | Path) -> list[str]:
+    """The distinct history texts of the configured splits, in the order training embeds them."""
+    splits = experiment_lib.load_splits(
+        config, workdir, (config.data.train_split,) + tuple(config.data.eval_splits))
+    return sorted({text for examples in splits.values() for e in examples for text in e.history})
+
+
+def embed(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
+          steps: int = 3, warmup: int = 0, peer: str | None = None, texts: int = 0) -> dict:
+    """Times the history embedding of the configured data's texts (and BertModel's)."""
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="plug_jax_bench_"))
+    chosen = history_texts(config, workdir)
+    chosen = chosen[:texts] if texts else chosen
+    encoder_config, encoder_params, encoder_dir = experiment_lib.load_encoder(config.encoder)
+    encoder = experiment_lib.history_encoder(config, encoder_config, encoder_params, encoder_dir)
+    tokens = int(bert.encode_batch(encoder.tokenizer, chosen, encoder.max_length)[1].sum())
+    shapes = {"encoder": config.encoder.path, "texts": len(chosen), "tokens": tokens,
+              "pooling": encoder_config.pooling, "normalize": encoder_config.normalize,
+              "max_length": encoder.max_length, "batch_size": encoder.batch_size,
+              "encoder_params": count_params(encoder_params)}
+
+    def ours_once():
+        return history_lib.encode_texts(chosen, encoder, encoder.dim, progress=False)
+
+    cli.echo(f"compiling and embedding {len(chosen)} texts...")
+    tick = time.perf_counter()
+    our_vectors = ours_once()
+    our_first_s = time.perf_counter() - tick
+    for _ in range(warmup):
+        ours_once()
+    ours_rss = peak_rss_mb()
+
+    peer_once = None
+    if peer == "torch":
+        import torch
+
+        from plug_jax import torch_peer
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        model = torch_peer.hf_bert(encoder_config, encoder_params).eval()
+        peer_tokenizer = bert.bert_tokenizer(encoder_dir)
+
+        def peer_once():
+            return torch_peer.sentence_embeddings(
+                model, peer_tokenizer, chosen, max_length=encoder.max_length,
+                pooling=encoder_config.pooling, normalize=encoder_config.normalize,
+                batch_size=encoder.batch_size)
+
+        tick = time.perf_counter()
+        peer_vectors = peer_once()
+        peer_first_s = time.perf_counter() - tick
+        for _ in range(warmup):
+            peer_once()
+    elif peer is not None:
+        raise ValueError(f"peer {peer!r}: expected 'torch' or None")
+
+    cli.echo(f"timing {steps} passes" + (" of each, alternating" if peer_once else ""))
+    our_times, peer_times = [], []
+    for _ in range(steps):
+        our_times.append(_seconds(ours_once))
+        if peer_once is not None:
+            peer_times.append(_seconds(peer_once))
+
+    result = {"benchmark": "embed", "machine": machine(), "shapes": shapes,
+              "ours": {**_throughput(our_times, our_first_s, len(chosen), tokens),
+                       "peak_rss_mb": ours_rss}}
+    if peer_once is not None:
+        result["peer"] = {"name": "torch",
+                          **_throughput(peer_times, peer_first_s, len(chosen), tokens),
+                          "peak_rss_mb": peak_rss_mb()}
+        result["peer_over_ours"] = result["peer"]["step_s"] / result["ours"]["step_s"]
+        result["max_cosine_distance"] = float(np.max(
+            1 - np.sum(our_vectors * peer_vectors, axis=1), initial=0.0))
+    return result
+
+
+def format_embed(result: dict) -> str:
+    shapes, ours, peer = result["shapes"], result["ours"], result.get("peer")
+    rows = [("first call, s (ours: compile)", "first_call_s", "{:.2f}", 1),
+            (f"all texts, s (median of {len(ours['step_times_s'])})", "step_s", "{:.4f}", 1),
+            ("texts / s", "examples_per_s", "{:.1f}", 1),
+            ("tokens / s", "tokens_per_s", "{:.0f}", 1),
+            ("peak RSS, MiB (process so far)", "peak_rss_mb", "{:.0f}", 1)]
+    lines = [f"embed: {shapes['texts']} history texts ({shapes['tokens']} tokens), encoder "
+             f"{shapes['encoder']} ({shapes['encoder_params'] / 1e6:.1f}M), {shapes['pooling']} "
+             f"pooling{', normalized' if shapes['normalize'] else ''}, at most "
+             f"{shapes['max_length']} tokens, batch {shapes['batch_size']}",
+             _machine_line(result["machine"]), ""]
+    lines += _table(rows, ours, peer)
+    if peer:
+        lines.append(f"largest cosine distance from ours: {result['max_cosine_distance']:.2e}")
     return "\n".join(lines)
 
 
 BENCHMARKS: dict[str, tuple[Callable[..., dict], Callable[[dict], str]]] = {
     "train": (train, format_train),
+    "decode": (decode, format_decode),
+    "embed": (embed, format_embed),
 }
 
 
@@ -223,8 +457,9 @@ def main(argv: Sequence[str]) -> None:
     # First-call times are compile times only without the persistent compilation cache.
     jax.config.update("jax_enable_compilation_cache", False)
     run_benchmark, format_result = BENCHMARKS[argv[1]]
+    options = {"texts": TEXTS.value} if argv[1] == "embed" else {}
     result = run_benchmark(cli.CONFIG.value, cli.WORKDIR.value, steps=STEPS.value,
-                           warmup=WARMUP.value, peer=PEER.value)
+                           warmup=WARMUP.value, peer=PEER.value, **options)
     cli.echo(format_result(result))
     if cli.OUT.value:
         Path(cli.OUT.value).write_text(json.dumps(result, indent=2) + "\n")

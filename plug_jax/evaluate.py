@@ -87,12 +87,12 @@ def eval_batches(experiment, examples: Sequence[lamp.Example], *, with_targets: 
 
 
 def predict(generate_fn, experiment, plug_params, examples: Sequence[lamp.Example], *,
-            desc: str) -> list[str]:
+            desc: str, llm_length: int | None = None) -> list[str]:
     """Decoded text for every example, in order."""
     llm = experiment.llm
     outputs = []
     with tqdm(total=len(examples), desc=desc, unit="ex", leave=False) as bar:
-        for batch in eval_batches(experiment, examples):
+        for batch in eval_batches(experiment, examples, llm_length=llm_length):
             tokens = np.asarray(generate_fn(experiment.llm_params, plug_params, batch))
             for row in decode.strip_after_eos(tokens[batch["example_mask"]], llm.eos_id):
                 outputs.append(llm.tokenizer.decode(row).strip())
@@ -101,13 +101,14 @@ def predict(generate_fn, experiment, plug_params, examples: Sequence[lamp.Exampl
 
 
 def label_nll(label_nll_fn, experiment, plug_params, examples: Sequence[lamp.Example],
-              labels: Sequence[str], *, desc: str = "scoring") -> np.ndarray:
+              labels: Sequence[str], *, desc: str = "scoring", llm_length: int | None = None
+              ) -> np.ndarray:
     """[examples, labels] negative log-likelihood of each label as the whole answer (with its
     end-of-turn): each prompt runs once, then every label goes through its cache."""
     label_ids, label_mask = experiment.llm.label_ids(labels)
     scores = []
     with tqdm(total=len(examples), desc=desc, unit="ex", leave=False) as bar:
-        for batch in eval_batches(experiment, examples):
+        for batch in eval_batches(experiment, examples, llm_length=llm_length):
             real = batch["example_mask"]
             scores.append(np.asarray(label_nll_fn(experiment.llm_params, plug_params, batch,
                                                   label_ids, label_mask))[real])
@@ -132,7 +133,7 @@ def choose_labels(nll: np.ndarray, labels: Sequence[str], rule: str) -> list[str
         values = np.array([float(label) for label in labels])
     except ValueError:
         raise errors.ConfigError(f"decode.label_choice {rule!r} needs numeric labels, not "
-                         f"{list(labels)}") from None
+                                 f"{list(labels)}") from None
     order = np.argsort(values)
     probs = scipy.special.softmax(-np.asarray(nll, np.float64)[:, order], axis=1)
     if rule == "mean":
@@ -142,16 +143,16 @@ def choose_labels(nll: np.ndarray, labels: Sequence[str], rule: str) -> list[str
 
 
 def answer(experiment, plug_params, examples: Sequence[lamp.Example], *, desc: str,
-           generate_fn=None, label_nll_fn=None) -> list[str]:
+           generate_fn=None, label_nll_fn=None, llm_length: int | None = None) -> list[str]:
     """The LLM's answers (personalized when there are plug params), as config.decode says:
     generated, or for a task with a label set and method 'score', its most likely label."""
     labels = experiment.task.labels
     if experiment.config.decode.method == "score" and labels:
         nll = label_nll(label_nll_fn or make_label_nll_fn(experiment), experiment, plug_params,
-                        examples, labels, desc=desc)
+                        examples, labels, desc=desc, llm_length=llm_length)
         return choose_labels(nll, labels, experiment.config.decode.label_choice)
     return predict(generate_fn or make_generate_fn(experiment), experiment, plug_params,
-                   examples, desc=desc)
+                   examples, desc=desc, llm_length=llm_length)
 
 
 def target_nll(experiment, plug_params, examples: Sequence[lamp.Example]) -> float:
@@ -170,15 +171,15 @@ def target_nll(experiment, plug_params, examples: Sequence[lamp.Example]) -> flo
     return total / max(count, 1.0)
 
 
-def attention_weights(experiment, plug_params, examples: Sequence[lamp.Example]
-                      ) -> list[np.ndarray]:
+def attention_weights(experiment, plug_params, examples: Sequence[lamp.Example], *,
+                      llm_length: int | None = None) -> list[np.ndarray]:
     """Per example, the aggregator's weights over its most recent max_history items (oldest
     first; as many as the example has)."""
     weights_fn = jax.jit(lambda params, batch: experiment.embedder.apply(
         {"params": params}, batch["query_tokens"], batch["query_mask"], batch["history"],
         batch["history_mask"], return_weights=True)[1], **_replicated_outputs(experiment))
     per_example = []
-    for batch in eval_batches(experiment, examples):
+    for batch in eval_batches(experiment, examples, llm_length=llm_length):
         weights = np.asarray(weights_fn(plug_params, batch))
         counts = batch["history_mask"].sum(axis=1)  # the items are a prefix of the rows
         per_example.extend(row[:count] for row, count, real in
@@ -186,11 +187,12 @@ def attention_weights(experiment, plug_params, examples: Sequence[lamp.Example]
     return per_example
 
 
-def attention_entropy(experiment, plug_params, examples: Sequence[lamp.Example]) -> dict:
+def attention_entropy(experiment, plug_params, examples: Sequence[lamp.Example], *,
+                      llm_length: int | None = None) -> dict:
     """Mean entropy (nats) of the aggregator's weights over users with 2+ history items, beside
     the uniform weights' (log n): near-equal figures say the input-aware attention is not used."""
     entropy, uniform = [], []
-    for weights in attention_weights(experiment, plug_params, examples):
+    for weights in attention_weights(experiment, plug_params, examples, llm_length=llm_length):
         if len(weights) >= 2:
             logs = np.log(np.where(weights > 0, weights, 1.0))
             entropy.append(-(weights * logs).sum())
@@ -200,20 +202,34 @@ def attention_entropy(experiment, plug_params, examples: Sequence[lamp.Example])
             "users": len(entropy)}
 
 
+def evaluated_examples(experiment, splits: Sequence[str]) -> dict[str, Sequence[lamp.Example]]:
+    """The questions `evaluate` answers: each split's (its first data.max_eval_examples)."""
+    cap = experiment.config.data.max_eval_examples
+    return {split: experiment.splits[split][:cap] if cap else experiment.splits[split]
+            for split in splits if split in experiment.splits}
+
+
+def eval_length(experiment, evaluated: dict[str, Sequence[lamp.Example]]) -> int:
+    """One LLM length for all evaluated splits: each method compiles once, not once per split."""
+    return max((pipeline.longest_llm_length(experiment.llm, examples, experiment.config.data,
+                                            with_targets=False)
+                for examples in evaluated.values()), default=8)
+
+
 def evaluate(experiment, plug_params, splits: Sequence[str], workdir: str | Path, *,
              method: str = PPLUG, baselines: Sequence[str] = BASELINES, write: bool = True
              ) -> dict:
     """{method: {split: {metric: value}}}: the plug (or, with plug_params None, the LLM alone)
-    under `method`, and each of `baselines` on the same questions; every method's predictions
-    are written in LaMP's outputs format (predictions_{method}_{split}.json)."""
+    under `method`, and each of `baselines` on the same questions, each split answered once per
+    method; every method's predictions are written in LaMP's outputs format
+    (predictions_{method}_{split}.json)."""
     config, task = experiment.config, experiment.task
     generate_fn, label_nll_fn = make_generate_fn(experiment), make_label_nll_fn(experiment)
     train_targets = [e.target for e in experiment.splits.get(config.data.train_split, [])]
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for split in [s for s in splits if s in experiment.splits]:
-        examples = experiment.splits[split]
-        if config.data.max_eval_examples:
-            examples = examples[:config.data.max_eval_examples]
+    evaluated = evaluated_examples(experiment, splits)
+    llm_length = eval_length(experiment, evaluated)
+    for split, examples in evaluated.items():
         golds = [e.target for e in examples]
         for name in (method, *[b for b in baselines if b != method]):
             if name in baselines_lib.METHODS:
@@ -221,7 +237,7 @@ def evaluate(experiment, plug_params, splits: Sequence[str], workdir: str | Path
             else:
                 outputs = answer(experiment, None if name == ZERO_SHOT else plug_params, examples,
                                  desc=f"{name} {split}", generate_fn=generate_fn,
-                                 label_nll_fn=label_nll_fn)
+                                 label_nll_fn=label_nll_fn, llm_length=llm_length)
             if write:
                 lamp.write_predictions(epath.Path(workdir) / f"predictions_{name}_{split}.json",
                                        task.name, [e.id for e in examples], outputs)

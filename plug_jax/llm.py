@@ -374,7 +374,8 @@ def _find_checkpoint_unchecked(path: str) -> _Checkpoint:
 def _adapter(checkpoint: _Checkpoint, config, llm_config: ml_collections.ConfigDict) -> FrozenLM:
     dtype = DTYPES[llm_config.dtype]
     module_class = llama.Llama if checkpoint.family is llama else t5.T5
-    module = module_class(config, dtype=dtype, param_dtype=dtype, remat=bool(llm_config.remat))
+    module = module_class(config, dtype=dtype, param_dtype=dtype, remat=bool(llm_config.remat),
+                          remat_policy=llm_config.get("remat_policy", ""))
     if checkpoint.family is llama:
         return DecoderOnlyLM(module, checkpoint.chat, llm_config.soft_token_position)
     return EncoderDecoderLM(module, checkpoint.tokenizer)

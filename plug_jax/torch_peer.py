@@ -215,3 +215,78 @@ class TorchPeer:
         self.optimizer.step()
         self.schedule.step()
         return float(loss.detach())
+
+
+class TorchDecodePeer:
+    """Decoding the way the reference does it: transformers' `generate` on the frozen Llama fed
+    `inputs_embeds` (the plug's soft tokens spliced where ours go), left padded, as `generate`
+    needs a batch to be."""
+
+    def __init__(self, exp, plug_params: Any):
+        self.llm = hf_llama(exp.llm.module.config, exp.llm_params)
+        self.insert_at = exp.llm.insert_at
+        self.eos_id = exp.llm.eos_id
+        self.plug = TorchPlug(exp.embedder, plug_params).eval()
+
+    def inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids + soft tokens -> left-padded (inputs_embeds, attention_mask)."""
+        soft = self.plug(batch["query_tokens"], batch["query_mask"], batch["history"],
+                         batch["history_mask"])
+        embedded = self.llm.get_input_embeddings()(batch["tokens"])
+        at, rows = self.insert_at, []
+        for row, mask, row_soft in zip(embedded, batch["mask"], soft):
+            real = row[mask]
+            rows.append(torch.cat([real[:at], row_soft, real[at:]]))
+        longest = max(len(row) for row in rows)
+        inputs = embedded.new_zeros(len(rows), longest, embedded.shape[-1])
+        attention = torch.zeros(len(rows), longest, dtype=torch.long)
+        for i, row in enumerate(rows):
+            inputs[i, longest - len(row):] = row
+            attention[i, longest - len(row):] = 1
+        return inputs, attention
+
+    def generate(self, batch: dict[str, torch.Tensor], *, method: str, max_new_tokens: int,
+                 num_beams: int) -> np.ndarray:
+        """[B, max_new_tokens] new tokens, EOS-padded after each row's EOS, as ours."""
+        beams = num_beams if method == "beam" else 1
+        with torch.no_grad():
+            inputs, attention = self.inputs(batch)
+            tokens = self.llm.generate(
+                inputs_embeds=inputs, attention_mask=attention, max_new_tokens=max_new_tokens,
+                min_new_tokens=0, do_sample=False, num_beams=beams, length_penalty=1.0,
+                early_stopping="never" if beams > 1 else False, eos_token_id=self.eos_id,
+                pad_token_id=self.eos_id, top_k=None, top_p=None, temperature=None)
+        out = np.full((len(tokens), max_new_tokens), self.eos_id, np.int64)
+        out[:, :tokens.shape[1]] = tokens.numpy()
+        return out
+
+
+def sentence_embeddings(model: transformers.BertModel, tokenizer, texts: Sequence[str], *,
+                        max_length: int, pooling: str, normalize: bool, batch_size: int = 64
+                        ) -> np.ndarray:
+    """[N, D] embeddings the sentence-transformers way: texts sorted by length, batches padded
+    to their longest, BertModel, CLS or mean pooling, L2 normalization."""
+    tokenizer.enable_truncation(max_length)
+    tokenizer.no_padding()
+    ids = [encoding.ids for encoding in tokenizer.encode_batch(list(texts))]
+    order = np.argsort([-len(row) for row in ids], kind="stable")
+    out = np.empty((len(ids), model.config.hidden_size), np.float32)
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            rows = order[start:start + batch_size]
+            longest = max(len(ids[i]) for i in rows)
+            batch = torch.full((len(rows), longest), model.config.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), longest), dtype=torch.long)
+            for j, i in enumerate(rows):
+                batch[j, :len(ids[i])] = torch.tensor(ids[i])
+                mask[j, :len(ids[i])] = 1
+            hidden = model(input_ids=batch, attention_mask=mask).last_hidden_state
+            if pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                weights = mask[..., None].float()
+                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+            if normalize:
+                pooled = nn.functional.normalize(pooled, dim=-1)
+            out[rows] = pooled.numpy()
+    return out

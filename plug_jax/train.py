@@ -309,14 +309,17 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, exp: experiment
         attention, shown, shown_weights = {}, [], []
         report_split = next((s for s in config.data.eval_splits if s in exp.splits), None)
         if exp.embedder.persona_tokens:  # is the input-aware attention used, or near uniform?
-            attention = {split: evaluate.attention_entropy(exp, state["params"], exp.splits[split])
+            # The aggregator never reads the LLM tokens: evaluation's length, its compiled shape.
+            eval_length = evaluate.eval_length(
+                exp, evaluate.evaluated_examples(exp, config.data.eval_splits))
+            attention = {split: evaluate.attention_entropy(exp, state["params"], exp.splits[split],
+                                                           llm_length=eval_length)
                          for split in config.data.eval_splits if split in exp.splits}
             if report_split:  # on every process: the plug may be sharded over them
-                evaluated = exp.splits[report_split]
-                if config.data.max_eval_examples:
-                    evaluated = evaluated[:config.data.max_eval_examples]
-                shown = report.users_to_show(evaluated)
-                shown_weights = evaluate.attention_weights(exp, state["params"], shown)
+                shown = report.users_to_show(
+                    evaluate.evaluated_examples(exp, (report_split,))[report_split])
+                shown_weights = evaluate.attention_weights(exp, state["params"], shown,
+                                                           llm_length=eval_length)
         if writer:
             for method, by_split in results.items():
                 for split, values in by_split.items():

@@ -59,3 +59,42 @@ def test_torch_peer_loss_equals_ours(llm_path, tmp_path):
     print(f"{llm_path}: loss ours {ours:.6f}, torch {theirs:.6f}")
     assert abs(ours - theirs) <= 1e-4
     assert peer.step(batch) == pytest.approx(theirs, abs=1e-6)  # a step reports the loss before it
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_decode_benchmark_answers_as_transformers_generate(method, tmp_path):
+    pytest.importorskip("torch")
+    config = lamp3.get_config("tiny")
+    config.decode.update(method=method, eval_batch_size=4, max_new_tokens=4)
+    result = bench.decode(config, tmp_path, steps=1, warmup=0, peer="torch")
+    ours, peer, shapes = result["ours"], result["peer"], result["shapes"]
+    assert shapes["num_beams"] == (4 if method == "beam" else 1) and shapes["batch_size"] == 4
+    # The same weights, soft tokens, search and lengths give the same answers.
+    assert result["same_answers"] == 1.0
+    for side in (ours, peer):
+        assert side["step_s"] > 0 and side["first_call_s"] > 0 and side["peak_rss_mb"] > 0
+        assert side["examples_per_s"] == pytest.approx(4 / side["step_s"])
+        assert 4 <= side["tokens_per_s"] * side["step_s"] <= 4 * 4
+    assert result["peer_over_ours"] == pytest.approx(peer["step_s"] / ours["step_s"])
+    table = bench.format_decode(result)
+    assert "answer tokens / s" in table and "same answers as ours: 100%" in table
+
+
+def test_answer_tokens_count_up_to_the_first_eos():
+    tokens = np.array([[5, 6, 2, 2], [2, 2, 2, 2], [7, 8, 9, 10]])
+    assert bench.answer_tokens(tokens, eos_id=2) == 3 + 1 + 4
+
+
+def test_embed_benchmark_embeds_the_history_texts_as_bert_model(tmp_path):
+    pytest.importorskip("torch")
+    config = lamp3.get_config("tiny")
+    texts = bench.history_texts(config, tmp_path)
+    assert len(texts) == len(set(texts)) > 20
+    result = bench.embed(config, tmp_path, steps=1, peer="torch", texts=20)
+    ours, peer, shapes = result["ours"], result["peer"], result["shapes"]
+    assert shapes["texts"] == 20 and shapes["pooling"] == "mean"
+    assert result["max_cosine_distance"] < 1e-5
+    for side in (ours, peer):
+        assert side["examples_per_s"] == pytest.approx(20 / side["step_s"])
+        assert side["tokens_per_s"] == pytest.approx(shapes["tokens"] / side["step_s"])
+    assert "texts / s" in bench.format_embed(result)

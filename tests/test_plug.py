@@ -111,3 +111,21 @@ def test_history_table_keeps_the_most_recent_items_and_caches(tmp_path):
     other = history_lib.build_history_table(histories, encode, 2, "another-encoder", tmp_path,
                                       progress=False)
     assert other.path != table.path and len(calls) == 2            # never a stale cache
+
+
+def test_history_texts_are_encoded_longest_first_in_chunks_and_returned_in_order():
+    chunks = []
+
+    def encode(texts):
+        chunks.append(list(texts))
+        return np.array([[len(t), 1.0] for t in texts], np.float32)
+
+    rng = np.random.default_rng(0)
+    texts = ["x" * int(n) for n in rng.integers(1, 200, size=50)]
+    vectors = history_lib.encode_texts(texts, encode, 2, batch_size=8, progress=False)
+    np.testing.assert_array_equal(vectors[:, 0], [len(t) for t in texts])
+    assert [len(c) for c in chunks] == [8] * 6 + [2]
+    lengths = [len(t) for chunk in chunks for t in chunk]
+    assert lengths == sorted(lengths, reverse=True)  # each batch holds texts of similar length
+    assert history_lib.encode_texts([], encode, 2, progress=False).shape == (0, 2)
+

@@ -240,3 +240,106 @@ def test_a_nan_loss_stops_before_any_checkpoint_holds_it_and_logs_stay_quiet(tmp
     assert resumed.start_step == 2
     assert len(resumed.losses) == 4 and np.all(np.isfinite(resumed.losses))
     assert checkpoint.checkpoint_steps(workdir)[-1] == 6
+
+
+def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Output shapes of every dot_general in a jaxpr, its sub-jaxprs (scan, jit, remat) included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    shapes += _dot_output_shapes(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    shapes += _dot_output_shapes(sub)
+    return shapes
+
+
+@pytest.mark.parametrize("remat_policy", [None, "dots_with_no_batch_dims_saveable"])
+def test_the_update_has_no_weight_gradient_dot_for_the_frozen_llm(remat_policy, tmp_path):
+    """A weight's gradient is a dot over batch and length whose output has the weight's shape;
+    activations keep their batch axes. Shapes that only frozen LLM weights have must not be the
+    output of any dot in the update, whereas differentiating the LLM too makes them."""
+    from plug_jax import experiment
+    from plug_jax.data import pipeline
+
+    config = _tiny_config()
+    if remat_policy:
+        config.llm.update(remat=True, remat_policy=remat_policy)
+    exp = experiment.build(config, tmp_path, splits=(config.data.train_split,), progress=False)
+    examples = exp.splits[config.data.train_split][:config.optim.batch_size]
+    length = pipeline.longest_llm_length(exp.llm, examples, config.data, with_targets=True)
+    batch = pipeline.make_featurize(exp, length)(examples)
+    params = exp.init_plug_params(jax.random.key(0))
+    optimizer = train.make_optimizer(config.optim, 4)
+    state = {"params": params, "opt": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def weight_shapes(tree):
+        return {s for x in jax.tree.leaves(tree) if x.ndim == 2 for s in (x.shape, x.shape[::-1])}
+
+    frozen_only = weight_shapes(exp.llm_params) - weight_shapes(params)
+    assert len(frozen_only) >= 3, frozen_only
+    update = functools.partial(train.train_step, embedder=exp.embedder, llm=exp.llm,
+                               optimizer=optimizer, accum_steps=1)
+    dots = _dot_output_shapes(jax.make_jaxpr(update)(state, exp.llm_params, batch).jaxpr)
+    assert dots and not [s for s in dots if s in frozen_only]
+
+    def loss_of_both(plug_params, llm_params):
+        return train.loss_fn(plug_params, llm_params, batch, embedder=exp.embedder,
+                             llm=exp.llm)[0]
+
+    both = jax.make_jaxpr(jax.grad(loss_of_both, argnums=(0, 1)))(params, exp.llm_params).jaxpr
+    assert [s for s in _dot_output_shapes(both) if s in frozen_only]
+
+
+def test_remat_policies_keep_the_gradient_and_a_wrong_name_is_refused(tmp_path):
+    from plug_jax import experiment
+    from plug_jax.data import pipeline
+
+    grads = []
+    for remat, policy in ((False, ""), (True, ""), (True, "dots_with_no_batch_dims_saveable")):
+        config = _tiny_config(llm__remat=remat, llm__remat_policy=policy)
+        exp = experiment.build(config, tmp_path, splits=(config.data.train_split,), progress=False)
+        examples = exp.splits[config.data.train_split][:2]
+        length = pipeline.longest_llm_length(exp.llm, examples, config.data, with_targets=True)
+        batch = pipeline.make_featurize(exp, length)(examples)
+        params = exp.init_plug_params(jax.random.key(0))
+        grads.append(jax.jit(jax.grad(lambda p: train.loss_fn(
+            p, exp.llm_params, batch, embedder=exp.embedder, llm=exp.llm)[0]))(params))
+    for other in grads[1:]:
+        for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(other)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="remat_policy 'dots'"):
+        llm_lib.load_llm("tiny-llama", remat=True)[0].module.clone(remat_policy="dots").init(
+            jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool))
+
+
+def test_evaluation_answers_each_split_once_per_method_and_compiles_once(tiny_run, tmp_path,
+                                                                         monkeypatch):
+    from plug_jax import evaluate
+
+    _, result = tiny_run
+    exp, calls, made = result.experiment, [], []
+
+    def counting_label_nll_fn(experiment):
+        jitted = make(experiment)
+        made.append(jitted)
+
+        def label_nll_fn(llm_params, plug_params, batch, labels, label_mask):
+            calls.append((plug_params is None, tuple(batch["index"][batch["example_mask"]])))
+            return jitted(llm_params, plug_params, batch, labels, label_mask)
+
+        return label_nll_fn
+
+    make = evaluate.make_label_nll_fn
+    monkeypatch.setattr(evaluate, "make_label_nll_fn", counting_label_nll_fn)
+    splits = ("dev", "dev_new")
+    metrics = evaluate.evaluate(exp, result.state["params"], splits, tmp_path, write=False)
+    assert set(metrics["pplug"]) == set(metrics["zero_shot"]) == set(splits)
+    sizes = sum(len(exp.splits[split]) for split in splits)
+    for zero_shot in (False, True):
+        answered = [i for is_zero_shot, rows in calls if is_zero_shot == zero_shot for i in rows]
+        assert len(answered) == sizes  # every question of both splits once
+    assert len(made) == 1 and made[0]._cache_size() == 2  # one shape: plug, and no plug

@@ -60,15 +60,19 @@ def _key_array(keys: Sequence[bytes]) -> np.ndarray:
     return np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), 16)
 
 
-def _encode_all(texts: Sequence[str], encode: EncodeFn, width: int, batch_size: int,
-                progress: bool) -> np.ndarray:
-    chunks = []
+def encode_texts(texts: Sequence[str], encode: EncodeFn, width: int, batch_size: int = 256,
+                 progress: bool = True) -> np.ndarray:
+    """[N, width] embeddings of `texts`, in order. They are encoded longest first, `batch_size`
+    at a time, so that each chunk holds texts of similar length and the encoder's batches
+    (padded to bucketed lengths) carry little padding."""
+    order = np.argsort([-len(text) for text in texts], kind="stable")
+    out = np.zeros((len(texts), width), np.float32)
     with tqdm(total=len(texts), desc="embedding history", unit="text", disable=not progress) as bar:
         for start in range(0, len(texts), batch_size):
-            batch = texts[start:start + batch_size]
-            chunks.append(np.asarray(encode(batch), np.float32))
-            bar.update(len(batch))
-    return np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+            rows = order[start:start + batch_size]
+            out[rows] = np.asarray(encode([texts[i] for i in rows]), np.float32)
+            bar.update(len(rows))
+    return out
 
 
 def _read(path: epath.Path) -> dict[str, np.ndarray]:
@@ -89,7 +93,7 @@ def cache_path(cache_dir: str | Path, encoder_id: str, texts: Sequence[str]) -> 
 
 
 def build_history_table(histories: Iterable[Sequence[str]], encode: EncodeFn, width: int,
-                        encoder_id: str, cache_dir: str | Path, *, batch_size: int = 64,
+                        encoder_id: str, cache_dir: str | Path, *, batch_size: int = 256,
                         progress: bool = True) -> HistoryTable:
     """Encodes every distinct history text (or reads the cache) and returns the lookup table."""
     texts = sorted({text for history in histories for text in history})
@@ -97,7 +101,7 @@ def build_history_table(histories: Iterable[Sequence[str]], encode: EncodeFn, wi
     if path.exists():
         tensors = _read(path)
         return HistoryTable(tensors["embeddings"], tensors["keys"], path)
-    embeddings = _encode_all(texts, encode, width, batch_size, progress)
+    embeddings = encode_texts(texts, encode, width, batch_size, progress)
     keys = _key_array([_text_key(t) for t in texts])
     _write(path, embeddings, keys)
     return HistoryTable(embeddings, keys, path)
@@ -131,7 +135,7 @@ class TextEmbeddingCache:
         missing = [(key, text) for key, text in zip(keys, distinct) if key not in self._vectors]
         if missing:
             new_keys = [key for key, _ in missing]
-            embeddings = _encode_all([text for _, text in missing], self.encode, self.width,
+            embeddings = encode_texts([text for _, text in missing], self.encode, self.width,
                                      self.batch_size, progress)
             self._vectors.update(zip(new_keys, embeddings))
             self._save(_key_array(new_keys), embeddings)

@@ -71,6 +71,23 @@ def dot_product_attention(q, k, v, bias, scale: float | None = None):
     return out.reshape(batch, q_len, heads, head_dim)
 
 
+# config.llm.remat_policy: what a rematerialized layer keeps from its forward pass ("" keeps
+# nothing but its inputs, the least memory; "dots_with_no_batch_dims_saveable" keeps the weight
+# matmuls' outputs, MaxText's "minimal", the usual trade on accelerators).
+REMAT_POLICIES = ("", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
+
+
+def remat(module_class, policy: str = ""):
+    """`module_class` rematerialized in the backward pass under the named jax.checkpoint_policies
+    policy (REMAT_POLICIES)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"config.llm.remat_policy {policy!r}: expected one of "
+                         f"{', '.join(repr(p) for p in REMAT_POLICIES)}")
+    return nn.remat(module_class,
+                    policy=getattr(jax.checkpoint_policies, policy) if policy else None)
+
+
 def constrain(x, axes: Sequence[str | None]):
     """Logical sharding constraint on an activation; a no-op outside a mesh with rules."""
     return nn.with_logical_constraint(x, tuple(axes))

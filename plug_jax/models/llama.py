@@ -246,6 +246,7 @@ class Llama(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False  # rematerialize each layer in the backward pass (saves activation memory)
+    remat_policy: str = ""  # what a rematerialized layer keeps (layers.REMAT_POLICIES)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array, *, embedded_prefix: jax.Array | None = None,
@@ -291,7 +292,8 @@ class Llama(nn.Module):
         new_layer_caches = []
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else cache["layers"][i]
-            layer_cls = nn.remat(DecoderLayer) if self.remat and cache is None else DecoderLayer
+            layer_cls = (layers.remat(DecoderLayer, self.remat_policy) if self.remat and cache is None
+                         else DecoderLayer)
             x, new_layer_cache = layer_cls(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(
                     x, positions, bias, layer_cache, write_index)
             new_layer_caches.append(new_layer_cache)

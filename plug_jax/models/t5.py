@@ -330,6 +330,7 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    remat_policy: str = ""
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -342,7 +343,7 @@ class Encoder(nn.Module):
                 name="relpos_bias")(positions[None], positions)
         # Padding masks keys only, as HF does: padded rows stay finite and are ignored downstream.
         bias = bias + layers.mask_to_bias(mask[:, None, :])
-        layer_cls = nn.remat(EncoderLayer) if self.remat else EncoderLayer
+        layer_cls = layers.remat(EncoderLayer, self.remat_policy) if self.remat else EncoderLayer
         x = _constrain_residual(x)
         for i in range(config.num_layers):
             x = layer_cls(config, self.dtype, self.param_dtype, name=f"layers_{i}")(x, bias)
@@ -354,13 +355,14 @@ class Decoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    remat_policy: str = ""
 
     def setup(self):
         config = self.config
         self.relpos_bias = RelativePositionBias(
                 config.relative_attention_num_buckets, config.relative_attention_max_distance,
                 config.num_heads, bidirectional=False, param_dtype=self.param_dtype)
-        layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+        layer_cls = layers.remat(DecoderLayer, self.remat_policy) if self.remat else DecoderLayer
         self.layers = [layer_cls(config, self.dtype, self.param_dtype)
                        for _ in range(config.num_decoder_layers)]
         self.final_norm = _norm(config, self.dtype, self.param_dtype)
@@ -407,12 +409,14 @@ class Decoder(nn.Module):
 
 
 class T5(nn.Module):
-    """T5 for conditional generation. `remat` rematerializes each layer in the backward pass."""
+    """T5 for conditional generation. `remat` rematerializes each layer in the backward pass,
+    keeping what `remat_policy` (layers.REMAT_POLICIES) names."""
 
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    remat_policy: str = ""
 
     def setup(self):
         config = self.config
@@ -420,8 +424,8 @@ class T5(nn.Module):
                 config.vocab_size, config.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                             ("vocab", "embed")))
-        self.encoder = Encoder(config, self.dtype, self.param_dtype, self.remat)
-        self.decoder = Decoder(config, self.dtype, self.param_dtype, self.remat)
+        self.encoder = Encoder(config, self.dtype, self.param_dtype, self.remat, self.remat_policy)
+        self.decoder = Decoder(config, self.dtype, self.param_dtype, self.remat, self.remat_policy)
         if not config.tie_word_embeddings:
             self.lm_head = self.param(
                     "lm_head",
