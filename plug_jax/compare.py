@@ -81,9 +81,17 @@ def _predictions(rundir: Path, method: str, split: str) -> list[str]:
         (rundir / f"predictions_{method}_{split}.json").read_text())["golds"]]
 
 
+def control_of(plug_method: str) -> str:
+    """The persona plug's ablation: the instruction token alone, trained the same way and
+    answering by the same rule ("pplug@mean" -> "instruction@mean")."""
+    _, at, rule = plug_method.partition("@")
+    return "instruction" + at + rule
+
+
 def significance_against_best(task: lamp.Task, table: dict, rundirs: dict, golds: dict) -> dict:
-    """{plug method: {split: {"baseline", "p": {metric: p}}}}: each persona plug against the
-    baseline with the best mean headline metric on that split."""
+    """{plug method: {split: {"baseline", "p": {metric: p}, "control"?, "control_p"?}}}: each
+    persona plug against the baseline with the best mean headline metric on that split, and
+    against its `control_of` when that ran too."""
     headline = metrics.headline_metric(task.name)
     plugs = [m for m in table if methods.get(m).plug == "persona"]
     others = [m for m in table if methods.get(m).plug != "persona"]
@@ -101,16 +109,20 @@ def significance_against_best(task: lamp.Task, table: dict, rundirs: dict, golds
             return {name: np.mean([s[name] for s in per_seed], axis=0) for name in per_seed[0]}, \
                 per_seed[0]
 
-        best_mean, best_first = scores(best)
+        def p_values(plug, other):
+            (plug_mean, plug_first), (other_mean, other_first) = scores(plug), scores(other)
+            return {name: (significance.mcnemar(plug_first[name], other_first[name])
+                           if name == "accuracy"
+                           else significance.paired_test(plug_mean[name], other_mean[name]))
+                    for name in plug_mean}
+
         for plug in plugs:
             if split not in table[plug]:
                 continue
-            plug_mean, plug_first = scores(plug)
-            p = {name: (significance.mcnemar(plug_first[name], best_first[name])
-                        if name == "accuracy"
-                        else significance.paired_test(plug_mean[name], best_mean[name]))
-                 for name in plug_mean}
-            found.setdefault(plug, {})[split] = {"baseline": best, "p": p}
+            found.setdefault(plug, {})[split] = {"baseline": best, "p": p_values(plug, best)}
+            control = control_of(plug)
+            if control != best and split in table.get(control, {}):
+                found[plug][split].update(control=control, control_p=p_values(plug, control))
     return found
 
 
@@ -146,6 +158,9 @@ def format_markdown(task: lamp.Task, table: dict, tests: dict, seconds: dict,
         for split, test in by_split.items():
             p = ", ".join(f"{name} p = {value:.3g}" for name, value in test["p"].items())
             lines.append(f"- {method} against {test['baseline']} on {split}: {p}")
+            if "control" in test:
+                p = ", ".join(f"{name} p = {value:.3g}" for name, value in test["control_p"].items())
+                lines.append(f"- {method} against {test['control']} on {split}: {p}")
     lines += ["", f"{total_seconds:.0f} s in all on {platform.machine()} "
               f"({platform.processor() or 'cpu'}), Python {platform.python_version()}."]
     return "\n".join(lines) + "\n"

@@ -228,7 +228,7 @@ def evaluate(experiment, plug_params, splits: Sequence[str], workdir: str | Path
     train_targets = [e.target for e in experiment.splits.get(config.data.train_split, [])]
     results: dict[str, dict[str, dict[str, float]]] = {}
     evaluated = evaluated_examples(experiment, splits)
-    llm_length = eval_length(experiment, evaluated)
+    llm_length = eval_length(experiment, evaluated) if experiment.llm is not None else None
     for split, examples in evaluated.items():
         golds = [e.target for e in examples]
         for name in (method, *[b for b in baselines if b != method]):

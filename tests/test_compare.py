@@ -60,6 +60,12 @@ def test_compare_writes_json_markdown_and_significance(compared):
         assert methods.get(test["baseline"]).plug != "persona"
         assert set(test["p"]) == {"mae", "rmse"}
         assert all(0.0 <= p <= 1.0 for p in test["p"].values())
+    control = tests["pplug"]["dev"]  # against the instruction token alone, unless it is the best
+    if control["baseline"] != "instruction":
+        assert control["control"] == "instruction" and set(control["control_p"]) == {"mae", "rmse"}
+        assert "- pplug against instruction on dev: mae p = " in markdown
+    assert [compare.control_of(m) for m in ("pplug", "pplug@mean")] == [
+        "instruction", "instruction@mean"]
 
 
 def test_rerunning_resumes_what_is_done(compared):
