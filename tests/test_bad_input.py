@@ -106,6 +106,9 @@ BAD_DATA = {
         "dev_questions.json: no questions"),
     "training split without outputs": (_remove("train_outputs.json"),
                                        "no train_outputs.json: the training split needs"),
+    "LaMP-3 gold that is no number": (
+        _edit_json("dev_outputs.json", lambda o: o["golds"][1].update(output="nan")),
+        "dev_outputs.json: gold 1 (id '"),
 }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -411,6 +412,13 @@ def _parse_outputs(outputs: Any, source: str) -> tuple[str, dict[str, str]]:
     return task_name, by_id
 
 
+def _is_finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 def _task_of_ids(questions: Any) -> str | None:
     """"LaMP_3" from a first question id such as "LaMP_3-0e5882dabb-2", if it has that form."""
     if isinstance(questions, list) and questions and isinstance(questions[0], dict):
@@ -461,6 +469,11 @@ def parse_examples(
         raise LampFormatError(f"{questions_source}: cannot tell the task (no outputs file, no "
                               "LaMP_N id prefix); pass task=")
     resolved = get_task(task if task is not None else file_task)
+    if golds is not None and resolved.kind == "regression":
+        for k, (gid, output) in enumerate(golds.items()):
+            if not _is_finite_number(output):
+                raise LampFormatError(f"{outputs_source}: gold {k} (id {gid!r}): field 'output' "
+                                      f"must be a score such as \"4\", got {output!r}")
 
     if not isinstance(questions, list):
         raise LampFormatError(
