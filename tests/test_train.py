@@ -310,7 +310,7 @@ def test_remat_policies_keep_the_gradient_and_a_wrong_name_is_refused(tmp_path):
             p, exp.llm_params, batch, embedder=exp.embedder, llm=exp.llm)[0]))(params))
     for other in grads[1:]:
         for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(other)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # recomputed: other fusions
     with pytest.raises(ValueError, match="remat_policy 'dots'"):
         llm_lib.load_llm("tiny-llama", remat=True)[0].module.clone(remat_policy="dots").init(
             jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool))
