@@ -285,7 +285,7 @@ def test_sigterm_saves_the_step_it_stopped_at_and_exits_zero(reference, env, tmp
 @pytest.fixture(scope="module")
 def mesh_runs(runs) -> dict:
     root, started = runs
-    _finish(started["meshes"][0])
+    _finish(started["meshes"][0], timeout=1800)  # four 8-device runs, niced behind the tests
     return json.loads((root / "meshes" / "meshes.json").read_text())
 
 
