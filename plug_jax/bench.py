@@ -98,6 +98,27 @@ def _seconds(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - tick
 
 
+def _first_call(fn: Callable[[], Any], warmup: int) -> tuple[Any, float]:
+    """fn's first result and its seconds (compilation included), then `warmup` untimed calls."""
+    tick = time.perf_counter()
+    first = fn()
+    seconds = time.perf_counter() - tick
+    for _ in range(warmup):
+        fn()
+    return first, seconds
+
+
+def _alternate(steps: int, ours: Callable[[], Any], peer: Callable[[], Any] | None
+               ) -> tuple[list[float], list[float]]:
+    """Seconds of `steps` calls of each, alternating, so that load from other jobs falls on both."""
+    our_times, peer_times = [], []
+    for _ in range(steps):
+        our_times.append(_seconds(ours))
+        if peer is not None:
+            peer_times.append(_seconds(peer))
+    return our_times, peer_times
+
+
 def _summary(step_times: Sequence[float], first_call_s: float, first_loss: float, examples: int,
              target_tokens: float, flops: int) -> dict:
     step = statistics.median(step_times)
@@ -148,11 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
             return float(jax.block_until_ready(stats)["loss"])
 
         cli.echo("compiling and running our first step...")
-        tick = time.perf_counter()
-        our_first_loss = our_step()
-        our_first_s = time.perf_counter() - tick
-        for _ in range(warmup):
-            our_step()
+        our_first_loss, our_first_s = _first_call(our_step, warmup)
         ours_rss = peak_rss_mb()
 
         peer_model = peer_batch = None
@@ -165,20 +182,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
             cli.echo(f"building the torch peer ({torch.get_num_threads()} threads)...")
             peer_model = torch_peer.TorchPeer(exp, host_params, total_steps)
             peer_batch = torch_peer.to_torch(features)
-            tick = time.perf_counter()
-            peer_first_loss = peer_model.step(peer_batch)
-            peer_first_s = time.perf_counter() - tick
-            for _ in range(warmup):
-                peer_model.step(peer_batch)
+            peer_first_loss, peer_first_s = _first_call(lambda: peer_model.step(peer_batch),
+                                                        warmup)
         elif peer is not None:
             raise ValueError(f"peer {peer!r}: expected 'torch' or None")
 
         cli.echo(f"timing {steps} steps" + (" of each, alternating" if peer_model else ""))
-        our_times, peer_times = [], []
-        for _ in range(steps):
-            our_times.append(_seconds(our_step))
-            if peer_model is not None:
-                peer_times.append(_seconds(lambda: peer_model.step(peer_batch)))
+        our_times, peer_times = _alternate(
+            steps, our_step, None if peer_model is None else lambda: peer_model.step(peer_batch))
 
     result = {"benchmark": "train", "machine": machine(), "shapes": shapes,
               "flops_per_step": flops,
@@ -278,11 +289,7 @@ def decode(config: ml_collections.ConfigDict, workdir: str | Path | None = None,
         return np.asarray(jax.block_until_ready(generate(exp.llm_params, params, features)))
 
     cli.echo(f"compiling and running our first {method} decode...")
-    tick = time.perf_counter()
-    our_tokens = ours_once()
-    our_first_s = time.perf_counter() - tick
-    for _ in range(warmup):
-        ours_once()
+    our_tokens, our_first_s = _first_call(ours_once, warmup)
     ours_rss = peak_rss_mb()
 
     peer_model = None
@@ -300,20 +307,12 @@ def decode(config: ml_collections.ConfigDict, workdir: str | Path | None = None,
             return peer_model.generate(peer_batch, method=method, max_new_tokens=max_new,
                                        num_beams=beams)
 
-        tick = time.perf_counter()
-        peer_tokens = peer_once()
-        peer_first_s = time.perf_counter() - tick
-        for _ in range(warmup):
-            peer_once()
+        peer_tokens, peer_first_s = _first_call(peer_once, warmup)
     elif peer is not None:
         raise ValueError(f"peer {peer!r}: expected 'torch' or None")
 
     cli.echo(f"timing {steps} decodes" + (" of each, alternating" if peer_model else ""))
-    our_times, peer_times = [], []
-    for _ in range(steps):
-        our_times.append(_seconds(ours_once))
-        if peer_model is not None:
-            peer_times.append(_seconds(peer_once))
+    our_times, peer_times = _alternate(steps, ours_once, None if peer_model is None else peer_once)
 
     result = {"benchmark": "decode", "machine": machine(), "shapes": shapes,
               "ours": {**_throughput(our_times, our_first_s, batch_size,
@@ -375,11 +374,7 @@ def embed(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
         return history_lib.encode_texts(chosen, encoder, encoder.dim, progress=False)
 
     cli.echo(f"compiling and embedding {len(chosen)} texts...")
-    tick = time.perf_counter()
-    our_vectors = ours_once()
-    our_first_s = time.perf_counter() - tick
-    for _ in range(warmup):
-        ours_once()
+    our_vectors, our_first_s = _first_call(ours_once, warmup)
     ours_rss = peak_rss_mb()
 
     peer_once = None
@@ -398,20 +393,12 @@ def embed(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
                 pooling=encoder_config.pooling, normalize=encoder_config.normalize,
                 batch_size=encoder.batch_size)
 
-        tick = time.perf_counter()
-        peer_vectors = peer_once()
-        peer_first_s = time.perf_counter() - tick
-        for _ in range(warmup):
-            peer_once()
+        peer_vectors, peer_first_s = _first_call(peer_once, warmup)
     elif peer is not None:
         raise ValueError(f"peer {peer!r}: expected 'torch' or None")
 
     cli.echo(f"timing {steps} passes" + (" of each, alternating" if peer_once else ""))
-    our_times, peer_times = [], []
-    for _ in range(steps):
-        our_times.append(_seconds(ours_once))
-        if peer_once is not None:
-            peer_times.append(_seconds(peer_once))
+    our_times, peer_times = _alternate(steps, ours_once, peer_once)
 
     result = {"benchmark": "embed", "machine": machine(), "shapes": shapes,
               "ours": {**_throughput(our_times, our_first_s, len(chosen), tokens),

@@ -229,13 +229,8 @@ def test_a_nan_loss_stops_before_any_checkpoint_holds_it_and_logs_stay_quiet(tmp
     log = (workdir / "logs" / "nan_train.log").read_text()
     assert re.search(r" INFO .*orbax", log), log[-3000:]
 
-    config = lamp3.get_config("tiny")
-    for name, value in NAN_RUN_FIELDS.items():
-        *parents, field = name.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[field] = value
+    config = _tiny_config(**{name.replace(".", "__"): value
+                             for name, value in NAN_RUN_FIELDS.items()})
     resumed = train.run(config, workdir)
     assert resumed.start_step == 2
     assert len(resumed.losses) == 4 and np.all(np.isfinite(resumed.losses))
