@@ -9,7 +9,7 @@ Activation names: "batch", "length", "embed", "mlp", "heads", "kv", "vocab".
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -50,11 +50,14 @@ def mask_to_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
     return jnp.where(mask[:, None], 0.0, NEG_INF).astype(dtype)
 
 
-def dot_product_attention(q, k, v, bias, scale: float | None = None):
+def dot_product_attention(q, k, v, bias, scale: float | None = None,
+                          weights_dropout: Callable[[jax.Array], jax.Array] | None = None):
     """Multi-head attention with grouped key/value heads.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim];
     bias: additive, broadcastable to [batch, heads, q_len, k_len]. Softmax runs in f32.
+    weights_dropout: training's dropout of the attention probabilities (`training_dropout`);
+    None (evaluation, or a rate of 0) leaves them as they are.
     """
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
@@ -67,8 +70,27 @@ def dot_product_attention(q, k, v, bias, scale: float | None = None):
     bias_heads = (1, 1) if bias.shape[1] == 1 else (kv_heads, group)
     logits = logits + bias.reshape(bias.shape[0], *bias_heads, *bias.shape[-2:])
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    if weights_dropout is not None:
+        weights = weights_dropout(weights)
     out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
     return out.reshape(batch, q_len, heads, head_dim)
+
+
+def training_dropout(dropout: nn.Dropout, deterministic: bool
+                     ) -> Callable[[jax.Array], jax.Array] | None:
+    """`dropout` in training mode, or None where it would change nothing (deterministic, rate 0):
+    the `weights_dropout` of dot_product_attention."""
+    if deterministic or not dropout.rate:
+        return None
+    return lambda x: dropout(x, deterministic=False)
+
+
+def apply_mode(dropout_rng: jax.Array | None) -> dict:
+    """Keyword arguments of a model's `apply`: training mode with dropout masks drawn from
+    `dropout_rng`, or none (deterministic, the default) when it is None."""
+    if dropout_rng is None:
+        return {}
+    return {"deterministic": False, "rngs": {"dropout": dropout_rng}}
 
 
 # config.llm.remat_policy: what a rematerialized layer keeps from its forward pass ("" keeps
@@ -78,13 +100,14 @@ REMAT_POLICIES = ("", "nothing_saveable", "dots_saveable", "dots_with_no_batch_d
                   "everything_saveable")
 
 
-def remat(module_class, policy: str = ""):
+def remat(module_class, policy: str = "", static_argnums: tuple[int, ...] = ()):
     """`module_class` rematerialized in the backward pass under the named jax.checkpoint_policies
-    policy (REMAT_POLICIES)."""
+    policy (REMAT_POLICIES); static_argnums (self is 0) name the Python arguments of its
+    `__call__`, such as `deterministic`."""
     if policy not in REMAT_POLICIES:
         raise ValueError(f"config.llm.remat_policy {policy!r}: expected one of "
                          f"{', '.join(repr(p) for p in REMAT_POLICIES)}")
-    return nn.remat(module_class,
+    return nn.remat(module_class, static_argnums=static_argnums,
                     policy=getattr(jax.checkpoint_policies, policy) if policy else None)
 
 
