@@ -61,6 +61,21 @@ def sharp_tiny_t5(monkeypatch):
     monkeypatch.setattr(llm, "_find_checkpoint", sharp)
 
 
+@pytest.fixture
+def keep_every_unit(monkeypatch):
+    """Dropout masks that keep every unit, in flax (jax.random.bernoulli) and in PyTorch: train
+    mode then only scales each tensor that dropout acts on by 1/(1 - rate), so that two
+    implementations agree exactly when they drop the same tensors (their random masks never can)."""
+    import jax.numpy as jnp
+    import torch
+
+    monkeypatch.setattr(jax.random, "bernoulli",
+                        lambda key, p=0.5, shape=None, **kwargs: jnp.ones(shape, bool))
+    monkeypatch.setattr(torch.nn.functional, "dropout",
+                        lambda x, p=0.5, training=True, inplace=False:
+                        x / (1 - p) if training and p else x)
+
+
 @pytest.fixture(scope="session")
 def tiny_trained_run(tmp_path_factory):
     """(workdir, train.RunResult) of 2 tiny training steps, evaluated on a few dev questions:

@@ -252,3 +252,103 @@ def test_flan_t5_xxl_config():
     shapes = jax.tree.leaves(t5.abstract_params(config, jnp.bfloat16))
     assert all(leaf.dtype == jnp.bfloat16 for leaf in shapes)
     assert sum(int(np.prod(leaf.shape)) for leaf in shapes) == 11_135_332_352
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout: the reference trains through Flan-T5 in train mode (dropout_rate 0.1, weights frozen).
+
+
+def _dropout_logits(model, variables, rng=None, *, embedded_prefix=None):
+    """Teacher-forced logits, deterministic, or in train mode with dropout drawn from `rng`."""
+    tokens, mask, targets, decoder_mask = _inputs()
+    vocab = model.config.vocab_size
+    train_mode = {} if rng is None else dict(deterministic=False, rngs={"dropout": rng})
+    return jax.jit(model.apply, static_argnames="deterministic")(
+            variables, tokens % vocab, mask, targets % vocab, decoder_mask,
+            embedded_prefix=embedded_prefix, **train_mode)
+
+
+def test_dropout_acts_in_train_mode_only_and_follows_its_rng():
+    config = t5.T5Config.tiny()
+    model, variables = _random_model(config)
+    with_dropout = t5.T5(config, dropout_rate=0.1)
+    rng = jax.random.key(7)
+    expected = _dropout_logits(model, variables)
+    np.testing.assert_array_equal(_dropout_logits(model, variables, rng), expected)  # rate 0
+    np.testing.assert_array_equal(_dropout_logits(with_dropout, variables), expected)
+
+    dropped = _dropout_logits(with_dropout, variables, rng)
+    np.testing.assert_array_equal(_dropout_logits(with_dropout, variables, rng), dropped)
+    assert np.abs(dropped - expected).max() > 1e-3
+    assert np.abs(_dropout_logits(with_dropout, variables, jax.random.key(8)) - dropped).max() > 1e-3
+
+
+def test_dropout_zeroes_about_the_rate_and_rescales_what_it_keeps():
+    import flax.linen as nn
+
+    config = t5.T5Config.tiny()
+    rate = 0.25
+    model, variables = _random_model(config, dropout_rate=rate)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, nn.Dropout):
+            seen.append((np.asarray(args[0]).ravel(), np.asarray(out).ravel()))
+        return out
+
+    tokens, mask, targets, decoder_mask = _inputs()
+    with nn.intercept_methods(record):  # eagerly, to see the values
+        model.apply(variables, tokens % config.vocab_size, mask, targets % config.vocab_size,
+                    decoder_mask, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    # HF's sites. Each stack: its embedded input and final-norm output; per layer, the attention
+    # probabilities and output of each attention, and the FF's hidden activation and output.
+    assert len(seen) == (2 + 4 * config.num_layers) + (2 + 6 * config.num_decoder_layers)
+    inputs, outputs = map(np.concatenate, zip(*seen))
+    nonzero = inputs != 0
+    kept = nonzero & (outputs != 0)
+    assert abs(1 - kept.sum() / nonzero.sum() - rate) < 0.01, kept.sum() / nonzero.sum()
+    np.testing.assert_allclose(outputs[kept], inputs[kept] / (1 - rate), rtol=1e-6)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_dropout_acts_where_transformers_puts_it(hf_checkpoints, variant, keep_every_unit):
+    """Masks that keep every unit leave train mode a 1/(1 - rate) scaling at each dropout site:
+    ours equals transformers' T5 in train mode, which differs from eval mode."""
+    del keep_every_unit
+    _, directory = hf_checkpoints[variant]
+    hf_model = transformers.T5ForConditionalGeneration.from_pretrained(
+            directory, attn_implementation="eager").train()
+    rate = hf_model.config.dropout_rate
+    assert rate == 0.1
+    config, params = t5.load_t5(directory, dtype=jnp.float32)
+    tokens, mask, targets, decoder_mask = _inputs()
+    decoder_tokens = np.asarray(t5.shift_right(jnp.asarray(targets), config.decoder_start_token_id))
+    with torch.no_grad():
+        expected = hf_model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                            decoder_input_ids=torch.tensor(decoder_tokens),
+                            decoder_attention_mask=torch.tensor(decoder_mask)).logits.numpy()
+    model = t5.T5(config, dropout_rate=rate)
+    logits = model.apply({"params": params}, tokens, mask, decoder_tokens, decoder_mask,
+                         deterministic=False, rngs={"dropout": jax.random.key(0)})
+    eval_logits = model.apply({"params": params}, tokens, mask, decoder_tokens, decoder_mask)
+    diff = np.abs(np.asarray(logits) - expected)[decoder_mask]
+    assert diff.max() < 1e-4, diff.max()
+    assert np.abs(np.asarray(eval_logits) - expected)[decoder_mask].max() > 1e-2
+
+
+def test_dropout_draws_the_same_masks_under_remat():
+    """Rematerialized layers redraw their masks in the backward pass: the same ones."""
+    config = t5.T5Config.tiny()
+    model, variables = _random_model(config, dropout_rate=0.1)
+    remat_model = t5.T5(config, dropout_rate=0.1, remat=True)
+    prefix = jax.random.normal(jax.random.key(1), (BATCH, 2, config.d_model))
+    rng = jax.random.key(2)
+
+    def loss(prefix, model):
+        return jnp.sum(jnp.square(_dropout_logits(model, variables, rng, embedded_prefix=prefix)))
+
+    remat_loss, remat_grad = jax.jit(jax.value_and_grad(lambda p: loss(p, remat_model)))(prefix)
+    expected_loss, expected_grad = jax.jit(jax.value_and_grad(lambda p: loss(p, model)))(prefix)
+    np.testing.assert_allclose(remat_loss, expected_loss, rtol=1e-6)
+    np.testing.assert_allclose(remat_grad, expected_grad, rtol=1e-5, atol=1e-5)

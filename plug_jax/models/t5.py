@@ -7,8 +7,13 @@ relative positions 0..P-1 exactly as prepended tokens would.
 Architecture as in Mesh TensorFlow / t5x: pre-norm blocks with RMSNorm, no attention scaling, a
 bucketed relative position bias computed once per stack (the weights live in layer 0) and shared by
 all its layers, none in cross-attention. v1.0 (relu, tied head) scales the decoder output by
-d_model**-0.5 before the head; v1.1 (gated-gelu, untied head) does not. Dropout is omitted: the LLM
-is frozen.
+d_model**-0.5 before the head; v1.1 (gated-gelu, untied head) does not.
+
+Dropout (`dropout_rate`, HF's dropout_rate; 0 by default) where HF's T5 has it: on the embedded
+inputs of each stack, the attention probabilities, the FF's hidden activation, each sublayer's
+output before its residual add, and each stack's final-norm output. It acts only in calls with
+deterministic=False and a 'dropout' rng: the reference trains its plug through the frozen T5 in
+train mode, dropout on.
 
 Decoding: `init_cache` gives self-attention keys/values for `max_length` decoder positions; cross-
 attention keys/values are computed from `encoded` on every `decode` call unless
@@ -211,6 +216,7 @@ class Attention(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
 
     def setup(self):
         inner = self.config.num_heads * self.config.d_kv
@@ -219,6 +225,7 @@ class Attention(nn.Module):
         self.key = dense(inner, ("embed", "q_heads"))
         self.value = dense(inner, ("embed", "q_heads"))
         self.out = dense(self.config.d_model, ("q_heads", "embed"))
+        self.weights_dropout = nn.Dropout(self.dropout_rate)
 
     def _split_heads(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
@@ -228,11 +235,12 @@ class Attention(nn.Module):
         return self._split_heads(self.key(inputs)), self._split_heads(self.value(inputs))
 
     def __call__(self, inputs_q: jax.Array, keys_values: tuple[jax.Array, jax.Array],
-                 bias: jax.Array) -> jax.Array:
+                 bias: jax.Array, deterministic: bool = True) -> jax.Array:
         keys, values = keys_values
         queries = self._split_heads(self.query(inputs_q))
-        out = layers.dot_product_attention(queries, keys.astype(self.dtype),
-                                           values.astype(self.dtype), bias, scale=None)
+        out = layers.dot_product_attention(
+                queries, keys.astype(self.dtype), values.astype(self.dtype), bias, scale=None,
+                weights_dropout=layers.training_dropout(self.weights_dropout, deterministic))
         return self.out(out.reshape(*out.shape[:2], -1))
 
 
@@ -242,9 +250,10 @@ class MLP(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         dense = functools.partial(layers.dense, dtype=self.dtype, param_dtype=self.param_dtype)
         activation = _ACTIVATIONS[self.config.activation]
         d_ff = self.config.d_ff
@@ -254,6 +263,7 @@ class MLP(nn.Module):
         else:
             hidden = activation(dense(d_ff, ("embed", "mlp"), name="wi")(x))
         hidden = layers.constrain(hidden, ("batch", "length", "mlp"))
+        hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic)
         return dense(self.config.d_model, ("mlp", "embed"), name="wo")(hidden)
 
 
@@ -271,15 +281,19 @@ class EncoderLayer(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool = True) -> jax.Array:
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attention = Attention(self.config, **kwargs, name="attention")
+        rate = self.dropout_rate
+        attention = Attention(self.config, **kwargs, dropout_rate=rate, name="attention")
         h = _norm(self.config, **kwargs, name="pre_attention_norm")(x)
-        x = _constrain_residual(x + attention(h, attention.keys_values(h), bias))
+        attended = attention(h, attention.keys_values(h), bias, deterministic)
+        x = _constrain_residual(x + nn.Dropout(rate)(attended, deterministic))
         h = _norm(self.config, **kwargs, name="pre_mlp_norm")(x)
-        return _constrain_residual(x + MLP(self.config, **kwargs, name="mlp")(h))
+        h = MLP(self.config, **kwargs, dropout_rate=rate, name="mlp")(h, deterministic)
+        return _constrain_residual(x + nn.Dropout(rate)(h, deterministic))
 
 
 def _write_at(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
@@ -294,20 +308,26 @@ class DecoderLayer(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
 
     def setup(self):
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        rate = self.dropout_rate
         self.pre_self_attention_norm = _norm(self.config, **kwargs)
-        self.self_attention = Attention(self.config, **kwargs)
+        self.self_attention = Attention(self.config, **kwargs, dropout_rate=rate)
+        self.self_attention_dropout = nn.Dropout(rate)
         self.pre_cross_attention_norm = _norm(self.config, **kwargs)
-        self.cross_attention = Attention(self.config, **kwargs)
+        self.cross_attention = Attention(self.config, **kwargs, dropout_rate=rate)
+        self.cross_attention_dropout = nn.Dropout(rate)
         self.pre_mlp_norm = _norm(self.config, **kwargs)
-        self.mlp = MLP(self.config, **kwargs)
+        self.mlp = MLP(self.config, **kwargs, dropout_rate=rate)
+        self.mlp_dropout = nn.Dropout(rate)
 
     def cross_keys_values(self, encoded: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.cross_attention.keys_values(encoded)
 
-    def __call__(self, x, self_bias, cross_bias, encoded, cross_kv, self_cache, cache_index):
+    def __call__(self, x, self_bias, cross_bias, encoded, cross_kv, self_cache, cache_index,
+                 deterministic=True):
         """Returns (x, new self-attention cache or None). Give `encoded` or precomputed cross_kv."""
         h = self.pre_self_attention_norm(x)
         keys, values = self.self_attention.keys_values(h)
@@ -316,12 +336,15 @@ class DecoderLayer(nn.Module):
             keys = _write_at(self_cache["key"], keys, cache_index)
             values = _write_at(self_cache["value"], values, cache_index)
             new_cache = {"key": keys, "value": values}
-        x = _constrain_residual(x + self.self_attention(h, (keys, values), self_bias))
+        attended = self.self_attention(h, (keys, values), self_bias, deterministic)
+        x = _constrain_residual(x + self.self_attention_dropout(attended, deterministic))
         if cross_kv is None:
             cross_kv = self.cross_keys_values(encoded)
         h = self.pre_cross_attention_norm(x)
-        x = _constrain_residual(x + self.cross_attention(h, cross_kv, cross_bias))
-        x = _constrain_residual(x + self.mlp(self.pre_mlp_norm(x)))
+        attended = self.cross_attention(h, cross_kv, cross_bias, deterministic)
+        x = _constrain_residual(x + self.cross_attention_dropout(attended, deterministic))
+        h = self.mlp(self.pre_mlp_norm(x), deterministic)
+        x = _constrain_residual(x + self.mlp_dropout(h, deterministic))
         return x, new_cache
 
 
@@ -331,9 +354,10 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     remat_policy: str = ""
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool = True) -> jax.Array:
         """Embedded inputs [B, T, D], mask [B, T] -> encoded [B, T, D]."""
         config = self.config
         positions = jnp.arange(x.shape[1])
@@ -343,11 +367,14 @@ class Encoder(nn.Module):
                 name="relpos_bias")(positions[None], positions)
         # Padding masks keys only, as HF does: padded rows stay finite and are ignored downstream.
         bias = bias + layers.mask_to_bias(mask[:, None, :])
-        layer_cls = layers.remat(EncoderLayer, self.remat_policy) if self.remat else EncoderLayer
-        x = _constrain_residual(x)
+        layer_cls = (layers.remat(EncoderLayer, self.remat_policy, static_argnums=(3,))
+                     if self.remat else EncoderLayer)
+        x = _constrain_residual(nn.Dropout(self.dropout_rate)(x, deterministic))
         for i in range(config.num_layers):
-            x = layer_cls(config, self.dtype, self.param_dtype, name=f"layers_{i}")(x, bias)
-        return _norm(config, self.dtype, self.param_dtype, name="final_norm")(x)
+            x = layer_cls(config, self.dtype, self.param_dtype, self.dropout_rate,
+                          name=f"layers_{i}")(x, bias, deterministic)
+        x = _norm(config, self.dtype, self.param_dtype, name="final_norm")(x)
+        return nn.Dropout(self.dropout_rate)(x, deterministic)
 
 
 class Decoder(nn.Module):
@@ -356,21 +383,26 @@ class Decoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     remat_policy: str = ""
+    dropout_rate: float = 0.0
 
     def setup(self):
         config = self.config
         self.relpos_bias = RelativePositionBias(
                 config.relative_attention_num_buckets, config.relative_attention_max_distance,
                 config.num_heads, bidirectional=False, param_dtype=self.param_dtype)
-        layer_cls = layers.remat(DecoderLayer, self.remat_policy) if self.remat else DecoderLayer
-        self.layers = [layer_cls(config, self.dtype, self.param_dtype)
+        layer_cls = (layers.remat(DecoderLayer, self.remat_policy, static_argnums=(8,))
+                     if self.remat else DecoderLayer)
+        self.layers = [layer_cls(config, self.dtype, self.param_dtype, self.dropout_rate)
                        for _ in range(config.num_decoder_layers)]
         self.final_norm = _norm(config, self.dtype, self.param_dtype)
+        self.input_dropout = nn.Dropout(self.dropout_rate)
+        self.output_dropout = nn.Dropout(self.dropout_rate)
 
     def cross_keys_values(self, encoded: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
         return [layer.cross_keys_values(encoded) for layer in self.layers]
 
-    def __call__(self, x, encoder_mask, encoded, cross_kv, decoder_mask, cache):
+    def __call__(self, x, encoder_mask, encoded, cross_kv, decoder_mask, cache,
+                 deterministic=True):
         """Embedded decoder inputs [B, S, D] -> (hidden [B, S, D], new cache or None)."""
         batch, length = x.shape[:2]
         if decoder_mask is None:
@@ -390,14 +422,14 @@ class Decoder(nn.Module):
         self_bias = self.relpos_bias(query_positions, key_positions) + layers.mask_to_bias(allowed)
         cross_bias = layers.mask_to_bias(encoder_mask[:, None, :])
 
-        x = _constrain_residual(x)
+        x = _constrain_residual(self.input_dropout(x, deterministic))
         new_self_caches = []
         for i, layer in enumerate(self.layers):
             x, new_self_cache = layer(
                     x, self_bias, cross_bias, encoded, None if cross_kv is None else cross_kv[i],
-                    None if cache is None else cache["self_attention"][i], index)
+                    None if cache is None else cache["self_attention"][i], index, deterministic)
             new_self_caches.append(new_self_cache)
-        x = self.final_norm(x)
+        x = self.output_dropout(self.final_norm(x), deterministic)
         if cache is None:
             return x, None
         new_cache = {**cache, "index": index + length, "key_mask": key_mask,
@@ -410,13 +442,15 @@ class Decoder(nn.Module):
 
 class T5(nn.Module):
     """T5 for conditional generation. `remat` rematerializes each layer in the backward pass,
-    keeping what `remat_policy` (layers.REMAT_POLICIES) names."""
+    keeping what `remat_policy` (layers.REMAT_POLICIES) names. `dropout_rate` acts in calls with
+    deterministic=False (and a 'dropout' rng) only."""
 
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     remat_policy: str = ""
+    dropout_rate: float = 0.0
 
     def setup(self):
         config = self.config
@@ -424,8 +458,10 @@ class T5(nn.Module):
                 config.vocab_size, config.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                             ("vocab", "embed")))
-        self.encoder = Encoder(config, self.dtype, self.param_dtype, self.remat, self.remat_policy)
-        self.decoder = Decoder(config, self.dtype, self.param_dtype, self.remat, self.remat_policy)
+        stack = (config, self.dtype, self.param_dtype, self.remat, self.remat_policy,
+                 self.dropout_rate)
+        self.encoder = Encoder(*stack)
+        self.decoder = Decoder(*stack)
         if not config.tie_word_embeddings:
             self.lm_head = self.param(
                     "lm_head",
@@ -438,8 +474,8 @@ class T5(nn.Module):
         return self.token_embedder(tokens)
 
     def encode(self, tokens: jax.Array, mask: jax.Array, *,
-               embedded_prefix: jax.Array | None = None,
-               prefix_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+               embedded_prefix: jax.Array | None = None, prefix_mask: jax.Array | None = None,
+               deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
         """tokens, mask [B, T]; embedded_prefix [B, P, D] goes before the tokens.
 
         Returns encoded [B, P+T, D] and its mask [B, P+T]: prefix_mask (default all True), mask.
@@ -451,7 +487,7 @@ class T5(nn.Module):
                 prefix_mask = jnp.ones(embedded_prefix.shape[:2], bool)
             x = jnp.concatenate([embedded_prefix.astype(x.dtype), x], axis=1)
             mask = jnp.concatenate([prefix_mask.astype(bool), mask], axis=1)
-        return self.encoder(x, mask), mask
+        return self.encoder(x, mask, deterministic), mask
 
     def cache_cross_attention(self, encoded: jax.Array, cache: Cache) -> Cache:
         """Adds every decoder layer's cross-attention keys/values [B, P+T, heads, d_kv] to `cache`.
@@ -465,7 +501,8 @@ class T5(nn.Module):
 
     def decode(self, decoder_tokens: jax.Array, encoded: jax.Array | None,
                encoder_mask: jax.Array, *, decoder_mask: jax.Array | None = None,
-               cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+               cache: Cache | None = None,
+               deterministic: bool = True) -> tuple[jax.Array, Cache | None]:
         """decoder_tokens [B, S] -> (f32 logits [B, S, V], new cache or None).
 
         Without a cache, positions are 0..S-1 with causal attention (teacher forcing). With one, the
@@ -478,7 +515,7 @@ class T5(nn.Module):
         if decoder_mask is not None:
             decoder_mask = decoder_mask.astype(bool)
         x, new_cache = self.decoder(self.embed_tokens(decoder_tokens), encoder_mask.astype(bool),
-                                    encoded, cross_kv, decoder_mask, cache)
+                                    encoded, cross_kv, decoder_mask, cache, deterministic)
         if self.config.scale_decoder_outputs:
             x = x * self.config.d_model**-0.5
         if self.config.tie_word_embeddings:
@@ -492,11 +529,12 @@ class T5(nn.Module):
 
     def __call__(self, tokens: jax.Array, mask: jax.Array, decoder_tokens: jax.Array,
                  decoder_mask: jax.Array | None = None, *, embedded_prefix: jax.Array | None = None,
-                 prefix_mask: jax.Array | None = None) -> jax.Array:
+                 prefix_mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         """Teacher forcing: decoder_tokens = shift_right(targets). Returns f32 logits [B, S, V]."""
         encoded, encoder_mask = self.encode(tokens, mask, embedded_prefix=embedded_prefix,
-                                            prefix_mask=prefix_mask)
-        logits, _ = self.decode(decoder_tokens, encoded, encoder_mask, decoder_mask=decoder_mask)
+                                            prefix_mask=prefix_mask, deterministic=deterministic)
+        logits, _ = self.decode(decoder_tokens, encoded, encoder_mask, decoder_mask=decoder_mask,
+                                deterministic=deterministic)
         return logits
 
 
