@@ -113,6 +113,49 @@ def test_query_side_is_trainable():
     assert jax.tree.structure(grads) == jax.tree.structure(bert.abstract_params(config))
 
 
+def test_dropout_acts_in_train_mode_only_and_follows_its_rng():
+    config = bert.BertConfig.tiny()
+    params = bert.init_params(config, jax.random.key(0))
+    tokens, mask, _ = _inputs(config.vocab_size)
+
+    def hidden(rate, rng=None):
+        train_mode = {} if rng is None else dict(deterministic=False, rngs={"dropout": rng})
+        apply = jax.jit(bert.Bert(config, dropout_rate=rate).apply, static_argnames="deterministic")
+        return apply({"params": params}, tokens, mask, **train_mode)[mask]
+
+    expected = hidden(0.0)
+    np.testing.assert_array_equal(hidden(0.0, jax.random.key(1)), expected)
+    np.testing.assert_array_equal(hidden(0.1), expected)
+    dropped = hidden(0.1, jax.random.key(1))
+    np.testing.assert_array_equal(hidden(0.1, jax.random.key(1)), dropped)
+    assert np.abs(dropped - expected).max() > 1e-3
+    assert np.abs(hidden(0.1, jax.random.key(2)) - dropped).max() > 1e-3
+
+
+def test_dropout_acts_where_transformers_puts_it(tmp_path, keep_every_unit):
+    """Masks that keep every unit leave train mode a 1/(1 - rate) scaling at each dropout site
+    (hidden and attention-probability dropout): ours equals BertModel's in train mode."""
+    del keep_every_unit
+    _tiny_torch_bert(tmp_path)
+    torch_model = transformers.BertModel.from_pretrained(
+            tmp_path, attn_implementation="eager").train()
+    rate = torch_model.config.hidden_dropout_prob
+    assert rate == torch_model.config.attention_probs_dropout_prob == 0.1
+    tokens, mask, token_types = _inputs()
+    with torch.no_grad():
+        expected = torch_model(input_ids=torch.as_tensor(tokens, dtype=torch.long),
+                               attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                               token_type_ids=torch.as_tensor(token_types, dtype=torch.long)
+                               ).last_hidden_state.numpy()[mask]
+    config, params = bert.load_bert(tmp_path)
+    model = bert.Bert(config, dropout_rate=rate)
+    hidden = model.apply({"params": params}, tokens, mask, token_types, deterministic=False,
+                         rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_allclose(np.asarray(hidden)[mask], expected, atol=TOLERANCE, rtol=0)
+    eval_hidden = model.apply({"params": params}, tokens, mask, token_types)
+    assert np.abs(np.asarray(eval_hidden)[mask] - expected).max() > 1e-2
+
+
 # ---------------------------------------------------------------------------------------------
 # all-MiniLM-L6-v2.
 

@@ -1,8 +1,7 @@
 """BERT sentence encoders (bge-base-en-v1.5, all-MiniLM-L6-v2, Contriever) for the user embedder.
 
 PPlug encodes each past text of a user with a frozen sentence encoder and each query with a
-trainable copy of it. This module is the post-LN BERT encoder (no pooler head, no dropout), the
-pooling that turns token states into L2-normalised sentence embeddings (a pure function, so the
+trainable copy of it. This module is the post-LN BERT encoder (no pooler head), the pooling that turns token states into L2-normalised sentence embeddings (a pure function, so the
 trainable side can call it inside a jitted loss), loading of Hugging Face safetensors checkpoints,
 the tokenizer, and `SentenceEncoder`, a batched `list[str] -> np.ndarray` for the frozen side.
 
@@ -13,6 +12,11 @@ Usage on the trainable side:
     hidden = model.apply({"params": params}, tokens, mask)       # [B, T, D]
     embeddings = pool(hidden, mask, config.pooling)               # [B, D] float32, unit norm
     # or in one call: model.apply({"params": params}, tokens, mask, method=Bert.embed)
+
+`Bert(config, dropout_rate=0.1)` trains as HF's BertModel in train mode (hidden_dropout_prob and
+attention_probs_dropout_prob both the rate: after the embeddings' LayerNorm, on the attention
+probabilities, after the attention's and the FF's output projections) when applied with
+deterministic=False and a 'dropout' rng; by default it is deterministic.
 """
 
 from __future__ import annotations
@@ -182,9 +186,10 @@ class BertSelfAttention(nn.Module):
     config: BertConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool = True) -> jax.Array:
         config = self.config
         batch, length, _ = x.shape
 
@@ -195,7 +200,10 @@ class BertSelfAttention(nn.Module):
             return layers.constrain(y, ("batch", "length", "heads", "kv"))
 
         q, k, v = project("query"), project("key"), project("value")
-        out = layers.dot_product_attention(q, k, v, bias, scale=config.head_dim ** -0.5)
+        out = layers.dot_product_attention(
+                q, k, v, bias, scale=config.head_dim ** -0.5,
+                weights_dropout=layers.training_dropout(nn.Dropout(self.dropout_rate),
+                                                        deterministic))
         out = out.reshape(batch, length, config.hidden_size)
         return layers.dense(config.hidden_size, ("q_heads", "embed"), use_bias=True, dtype=self.dtype,
                             param_dtype=self.param_dtype, name="output")(out)
@@ -205,31 +213,38 @@ class BertLayer(nn.Module):
     config: BertConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool = True) -> jax.Array:
         config, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attended = BertSelfAttention(config, **kw, name="attention")(x, bias)
+        rate = self.dropout_rate
+        attended = BertSelfAttention(config, **kw, dropout_rate=rate, name="attention")(
+                x, bias, deterministic)
+        attended = nn.Dropout(rate)(attended, deterministic)
         x = _layer_norm(config, **kw, name="attention_norm")(x + attended)
         x = layers.constrain(x, ("batch", "length", "embed"))
         h = layers.dense(config.intermediate_size, ("embed", "mlp"), use_bias=True, **kw,
                          name="intermediate")(x)
         h = layers.constrain(_ACTIVATIONS[config.hidden_act](h), ("batch", "length", "mlp"))
         h = layers.dense(config.hidden_size, ("mlp", "embed"), use_bias=True, **kw, name="output")(h)
+        h = nn.Dropout(rate)(h, deterministic)
         x = _layer_norm(config, **kw, name="output_norm")(x + h)
         return layers.constrain(x, ("batch", "length", "embed"))
 
 
 class Bert(nn.Module):
-    """Post-LN BERT encoder returning the last hidden states (no pooler head)."""
+    """Post-LN BERT encoder returning the last hidden states (no pooler head); `dropout_rate`
+    acts in calls with deterministic=False (and a 'dropout' rng) only."""
 
     config: BertConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, mask: jax.Array,
-                 token_types: jax.Array | None = None) -> jax.Array:
+    def __call__(self, tokens: jax.Array, mask: jax.Array, token_types: jax.Array | None = None,
+                 deterministic: bool = True) -> jax.Array:
         """tokens, mask (True = real token), token_types: [B, T] -> hidden states [B, T, D]."""
         config, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if tokens.shape[1] > config.max_position_embeddings:
@@ -245,16 +260,18 @@ class Bert(nn.Module):
              + _embed(config.type_vocab_size, config.hidden_size, ("types", "embed"), **kw,
                       name="token_type_embeddings")(token_types))
         x = _layer_norm(config, **kw, name="embeddings_norm")(x)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic)
         x = layers.constrain(x, ("batch", "length", "embed"))
         bias = layers.mask_to_bias(mask.astype(bool)[:, None, :])  # keys only: [B, 1, 1, T]
         for i in range(config.num_layers):
-            x = BertLayer(config, **kw, name=f"layer_{i}")(x, bias)
+            x = BertLayer(config, **kw, dropout_rate=self.dropout_rate, name=f"layer_{i}")(
+                    x, bias, deterministic)
         return x
 
-    def embed(self, tokens: jax.Array, mask: jax.Array,
-              token_types: jax.Array | None = None) -> jax.Array:
+    def embed(self, tokens: jax.Array, mask: jax.Array, token_types: jax.Array | None = None,
+              deterministic: bool = True) -> jax.Array:
         """Sentence embeddings [B, D] in float32, pooled and normalised as the config says."""
-        hidden = self(tokens, mask, token_types)
+        hidden = self(tokens, mask, token_types, deterministic)
         return pool(hidden, mask, self.config.pooling, self.config.normalize)
 
 
