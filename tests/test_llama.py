@@ -82,6 +82,46 @@ def test_matches_transformers_after_save_pretrained(variant, tmp_path):
     assert difference <= 1e-4
 
 
+def test_attention_dropout_acts_where_transformers_puts_it(tmp_path, keep_every_unit):
+    """Llama's only dropout, on the attention probabilities: with masks that keep every unit,
+    train mode scales them by 1/(1 - rate), in ours as in transformers'."""
+    del keep_every_unit
+    hf_config = HF_VARIANTS["llama_untied_gqa"]()
+    hf_config.attention_dropout = 0.25
+    hf_model = save_hf_model(hf_config, tmp_path).train()
+    config, params = llama.load_llama(tmp_path, dtype=jnp.float32)
+    tokens, mask = padded_batch(np.random.default_rng(0), config.vocab_size)
+    with torch.no_grad():
+        reference = hf_model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                             attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                             position_ids=torch.from_numpy(hf_positions(mask))).logits.numpy()
+    model = llama.Llama(config, dropout_rate=0.25)
+    ours, _ = model.apply({"params": params}, tokens, mask, deterministic=False,
+                          rngs={"dropout": jax.random.key(0)})
+    assert np.abs(np.asarray(ours) - reference)[mask].max() <= 1e-4
+    deterministic, _ = model.apply({"params": params}, tokens, mask)
+    assert np.abs(np.asarray(deterministic) - reference)[mask].max() > 1e-2
+
+
+def test_attention_dropout_acts_in_train_mode_only_and_follows_its_rng(tiny):
+    config, params = tiny
+    tokens, mask = padded_batch(np.random.default_rng(1), config.vocab_size)
+
+    def logits(rate, rng=None):  # train mode with remat: `deterministic` is a static argument
+        train_mode = {} if rng is None else dict(deterministic=False, rngs={"dropout": rng})
+        model = llama.Llama(config, dropout_rate=rate, remat=rng is not None)
+        apply = jax.jit(model.apply, static_argnames="deterministic")
+        return apply({"params": params}, tokens, mask, **train_mode)[0][mask]
+
+    expected = logits(0.0)
+    np.testing.assert_array_equal(logits(0.0, jax.random.key(1)), expected)
+    np.testing.assert_array_equal(logits(0.1), expected)
+    dropped = logits(0.1, jax.random.key(1))
+    np.testing.assert_array_equal(logits(0.1, jax.random.key(1)), dropped)
+    assert np.abs(dropped - expected).max() > 1e-3
+    assert np.abs(logits(0.1, jax.random.key(2)) - dropped).max() > 1e-3
+
+
 # ---------------------------------------------------------------------------------------------
 # b, c. Cache and soft prefix, on a tiny random model.
 

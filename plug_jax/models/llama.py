@@ -7,6 +7,9 @@ tokens placed there are largely ignored; PPlug puts them after the chat header i
 Positions are `cumsum(mask) - 1`, so padding anywhere (also between the prompt and the soft tokens
 or in the middle of a right-padded batch) neither shifts RoPE nor is attended to.
 
+Dropout: `dropout_rate` drops attention probabilities (HF's attention_dropout, the only dropout
+HF's Llama has) in calls with deterministic=False and a 'dropout' rng; never in decoding.
+
 Not implemented: sliding-window attention (Mistral v0.1's window is ignored: exact up to 4096
 tokens), RoPE scaling other than Llama 3.1's, and MLP biases.
 """
@@ -161,9 +164,11 @@ class Attention(nn.Module):
     config: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x, positions, bias, kv_cache: Cache | None = None, write_index=None):
+    def __call__(self, x, positions, bias, kv_cache: Cache | None = None, write_index=None,
+                 deterministic: bool = True):
         cfg = self.config
         batch, length, _ = x.shape
         dense = functools.partial(layers.dense, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -185,8 +190,10 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
             new_kv_cache = {"k": k, "v": v}
-        out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), bias,
-                                    scale=cfg.head_dim ** -0.5)
+        out = dot_product_attention(
+                q, k.astype(self.dtype), v.astype(self.dtype), bias, scale=cfg.head_dim ** -0.5,
+                weights_dropout=layers.training_dropout(nn.Dropout(self.dropout_rate),
+                                                        deterministic))
         out = constrain(out, ("batch", "length", "heads", "kv"))
         out = out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
         out = dense(cfg.hidden_size, ("q_heads", "embed"), use_bias=cfg.attention_out_bias,
@@ -216,14 +223,17 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x, positions, bias, kv_cache: Cache | None = None, write_index=None):
+    def __call__(self, x, positions, bias, kv_cache: Cache | None = None, write_index=None,
+                 deterministic: bool = True):
         cfg = self.config
         norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=self.dtype,
                                  param_dtype=self.param_dtype)
-        attended, new_kv_cache = Attention(cfg, self.dtype, self.param_dtype, name="self_attn")(
-                norm(name="input_layernorm")(x), positions, bias, kv_cache, write_index)
+        attention = Attention(cfg, self.dtype, self.param_dtype, self.dropout_rate, name="self_attn")
+        attended, new_kv_cache = attention(norm(name="input_layernorm")(x), positions, bias,
+                                           kv_cache, write_index, deterministic)
         x = constrain(x + attended, ("batch", "length", "embed"))
         x = x + Mlp(cfg, self.dtype, self.param_dtype, name="mlp")(norm(name="post_attention_layernorm")(x))
         return constrain(x, ("batch", "length", "embed")), new_kv_cache
@@ -247,12 +257,13 @@ class Llama(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False  # rematerialize each layer in the backward pass (saves activation memory)
     remat_policy: str = ""  # what a rematerialized layer keeps (layers.REMAT_POLICIES)
+    dropout_rate: float = 0.0  # of the attention probabilities, with deterministic=False
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array, *, embedded_prefix: jax.Array | None = None,
                  prefix_mask: jax.Array | None = None, insert_at: int = 0,
-                 cache: Cache | None = None,
-                 logit_positions: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+                 cache: Cache | None = None, logit_positions: jax.Array | None = None,
+                 deterministic: bool = True) -> tuple[jax.Array, Cache | None]:
         """tokens, mask: [B, T]; embedded_prefix: [B, P, D] spliced after token `insert_at - 1`.
 
         Returns (logits [B, T + P, V], new_cache). With `cache` (from `init_cache`), the inputs are
@@ -292,10 +303,11 @@ class Llama(nn.Module):
         new_layer_caches = []
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else cache["layers"][i]
-            layer_cls = (layers.remat(DecoderLayer, self.remat_policy) if self.remat and cache is None
-                         else DecoderLayer)
-            x, new_layer_cache = layer_cls(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(
-                    x, positions, bias, layer_cache, write_index)
+            layer_cls = (layers.remat(DecoderLayer, self.remat_policy, static_argnums=(6,))
+                         if self.remat and cache is None else DecoderLayer)
+            x, new_layer_cache = layer_cls(cfg, self.dtype, self.param_dtype, self.dropout_rate,
+                                           name=f"layers_{i}")(
+                    x, positions, bias, layer_cache, write_index, deterministic)
             new_layer_caches.append(new_layer_cache)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
         if logit_positions is not None:
