@@ -260,9 +260,6 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
     """
     data = config.data
     task, method = lamp.get_task(data.task), methods.get(config.method)
-    if config.plug.get("dropout") or config.llm.get("dropout"):
-        print("note: config.plug.dropout / config.llm.dropout are recorded but not applied yet: "
-              "the LLM and the encoder run without dropout")
     if splits is None:
         splits = (data.train_split,) + tuple(data.eval_splits)
     with_data = not abstract and bool(splits)
@@ -280,7 +277,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
                 projector_hidden=config.plug.projector_hidden,
                 train_query_encoder=config.plug.train_query_encoder,
                 persona_tokens=config.plug.persona_tokens if method.plug == "persona" else 0,
-                param_init=config.plug.param_init)
+                param_init=config.plug.param_init,
+                dropout_rate=float(config.plug.get("dropout", 0.0)))
         experiment = Experiment(
             config=config, task=task, splits=examples, llm=llm, llm_params=llm_params,
             encoder_config=encoder_config, encoder_params=encoder_params,

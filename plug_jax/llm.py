@@ -2,7 +2,8 @@
 
 `DecoderOnlyLM` (Llama family) and `EncoderDecoderLM` (T5) turn text into fixed-shape arrays on the
 host (`featurize`), and compute on device the target-token loss (`loss`) and generations
-(`generate`) with or without soft tokens. Soft tokens go where the family needs them: a T5 encoder
+(`generate`) with or without soft tokens. Only the training loss runs the LLM in train mode
+(`dropout_rng`: its dropout, config.llm.dropout, on); everything else is deterministic. Soft tokens go where the family needs them: a T5 encoder
 sees them first; a decoder-only LLM ignores soft tokens at position 0 (its attention sink), so they
 go after the chat header by default, just before the user's text.
 """
@@ -20,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from plug_jax import decode, errors
-from plug_jax.models import assets, llama, t5
+from plug_jax.models import assets, layers, llama, t5
 from plug_jax.models.chat import ChatTemplate
 from plug_jax.models.loading import CheckpointError, read_hf_config
 from plug_jax.models.tokenizer import Tokenizer
@@ -47,9 +48,17 @@ def _example_nll(logits, targets, weights):
 
 
 class _TargetLoss:
-    def loss(self, params, soft: jax.Array | None, batch: Batch):
-        """The batch's summed target-token cross-entropy, and its number of target tokens."""
-        nll, count = self.example_nll(params, soft, batch)
+    @property
+    def dropout_rate(self) -> float:
+        return self.module.dropout_rate
+
+    def loss(self, params, soft: jax.Array | None, batch: Batch,
+             dropout_rng: jax.Array | None = None):
+        """The batch's summed target-token cross-entropy, and its number of target tokens.
+
+        With a dropout_rng the LLM runs in train mode (its dropout on; its weights stay frozen).
+        """
+        nll, count = self.example_nll(params, soft, batch, dropout_rng)
         return jnp.sum(nll), jnp.sum(count)
 
     def label_ids(self, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -153,13 +162,14 @@ class DecoderOnlyLM(_TargetLoss):
                 np.asarray(starts, np.int32)[:, None] + np.arange(span, dtype=np.int32), length - 1)
         return features
 
-    def example_nll(self, params, soft: jax.Array | None, batch: Batch):
+    def example_nll(self, params, soft: jax.Array | None, batch: Batch,
+                    dropout_rng: jax.Array | None = None):
         positions = batch["target_positions"]
         if soft is not None:  # the soft tokens sit before the prompt's user text, so before these
             positions = positions + soft.shape[1]
         logits, _ = self.module.apply({"params": params}, batch["tokens"], batch["mask"],
                                       embedded_prefix=soft, insert_at=self.insert_at,
-                                      logit_positions=positions)
+                                      logit_positions=positions, **layers.apply_mode(dropout_rng))
         return _example_nll(logits, batch["targets"], batch["target_mask"])
 
     def prefill(self, params, soft: jax.Array | None, batch: Batch,
@@ -238,10 +248,12 @@ class EncoderDecoderLM(_TargetLoss):
                                                                  self.tokenizer.pad_id or 0)
         return features
 
-    def example_nll(self, params, soft: jax.Array | None, batch: Batch):
+    def example_nll(self, params, soft: jax.Array | None, batch: Batch,
+                    dropout_rng: jax.Array | None = None):
         decoder_tokens = t5.shift_right(batch["targets"], self.module.config.decoder_start_token_id)
         logits = self.module.apply({"params": params}, batch["tokens"], batch["mask"], decoder_tokens,
-                                   batch["target_mask"], embedded_prefix=soft)
+                                   batch["target_mask"], embedded_prefix=soft,
+                                   **layers.apply_mode(dropout_rng))
         return _example_nll(logits, batch["targets"], batch["target_mask"])
 
     def prefill(self, params, soft: jax.Array | None, batch: Batch,
@@ -375,7 +387,8 @@ def _adapter(checkpoint: _Checkpoint, config, llm_config: ml_collections.ConfigD
     dtype = DTYPES[llm_config.dtype]
     module_class = llama.Llama if checkpoint.family is llama else t5.T5
     module = module_class(config, dtype=dtype, param_dtype=dtype, remat=bool(llm_config.remat),
-                          remat_policy=llm_config.get("remat_policy", ""))
+                          remat_policy=llm_config.get("remat_policy", ""),
+                          dropout_rate=float(llm_config.get("dropout", 0.0)))
     if checkpoint.family is llama:
         return DecoderOnlyLM(module, checkpoint.chat, llm_config.soft_token_position)
     return EncoderDecoderLM(module, checkpoint.tokenizer)

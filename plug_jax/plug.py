@@ -14,6 +14,8 @@ and [I, P_u] enter the LLM as soft tokens, scaled by `soft_token_scale`:
 With `persona_tokens` k > 1, MLP_persona's output is k tokens wide; a plug without persona tokens
 is the instruction token alone (the paper's ablation, `config.method` "instruction").
 E_hist is frozen and precomputed (plug_jax.embed); only this module's parameters train.
+`dropout_rate` is E_query's (BERT's hidden and attention dropout; the projectors have none),
+on in calls with deterministic=False and a 'dropout' rng: the training loss's.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class UserEmbedder(nn.Module):
     soft_token_scale: str = "rms"  # or "reference" (see the module docstring)
     soft_token_norm: float = 0.0   # N of the "reference" scale
     param_init: str = "default"  # "torch": the reference's (nn.Linear kernels, torch.rand vector)
+    dropout_rate: float = 0.0  # the query encoder's, with deterministic=False
 
     @property
     def num_soft_tokens(self) -> int:
@@ -111,7 +114,8 @@ class UserEmbedder(nn.Module):
                              f"{self.param_init!r}: expected one of {SOFT_TOKEN_SCALES}, {INITS}")
         hidden = self.projector_hidden or self.llm_width
         if self.persona_tokens:
-            self.query_encoder = bert.Bert(self.encoder_config, dtype=self.dtype)
+            self.query_encoder = bert.Bert(self.encoder_config, dtype=self.dtype,
+                                           dropout_rate=self.dropout_rate)
             self.persona_projector = ProjectorMLP(hidden, self.llm_width * self.persona_tokens,
                                                   dtype=self.dtype, param_init=self.param_init)
         self.instruction_projector = ProjectorMLP(hidden, self.llm_width, dtype=self.dtype,
@@ -123,18 +127,19 @@ class UserEmbedder(nn.Module):
             "instruction", nn.with_logical_partitioning(instruction_init, ("encoder_embed",)),
             (width,))
 
-    def encode_query(self, query_tokens, query_mask):
-        hidden = self.query_encoder(query_tokens, query_mask)
+    def encode_query(self, query_tokens, query_mask, deterministic: bool = True):
+        hidden = self.query_encoder(query_tokens, query_mask, deterministic=deterministic)
         query = bert.pool(hidden, query_mask, self.encoder_config.pooling, normalize=True)
         return query if self.train_query_encoder else jax.lax.stop_gradient(query)
 
-    def __call__(self, query_tokens, query_mask, history, history_mask, *, return_weights=False):
+    def __call__(self, query_tokens, query_mask, history, history_mask, *, return_weights=False,
+                 deterministic: bool = True):
         batch = history.shape[0]
         instruction = self.instruction_projector(self.instruction)
         soft = jnp.broadcast_to(instruction, (batch, 1, self.llm_width))
         weights = jnp.zeros(history_mask.shape, jnp.float32)
         if self.persona_tokens:
-            query = self.encode_query(query_tokens, query_mask)
+            query = self.encode_query(query_tokens, query_mask, deterministic)
             weights = aggregation_weights(query, history.astype(jnp.float32), history_mask)
             persona = jnp.einsum("bh,bhd->bd", weights,
                                  self.persona_projector(history.astype(self.dtype)))

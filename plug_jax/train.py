@@ -31,6 +31,7 @@ from plug_jax import sharding
 from plug_jax import experiment as experiment_lib
 from plug_jax import workdir as workdir_lib
 from plug_jax.data import grain_pipeline, lamp, pipeline
+from plug_jax.models import layers
 
 ENCODER_GROUP, HEAD_GROUP = "encoder", "head"
 
@@ -74,32 +75,49 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
         }, group))
 
 
-def loss_fn(plug_params, llm_params, batch, *, embedder, llm):
+def loss_fn(plug_params, llm_params, batch, *, embedder, llm, dropout_rng=None):
+    """The batch's summed target-token loss and its number of target tokens. With a dropout_rng
+    it runs in train mode: the query encoder's and the frozen LLM's dropout on, as the reference
+    trains; without, deterministic."""
+    plug_rng = llm_rng = None
+    if dropout_rng is not None:
+        plug_rng, llm_rng = jax.random.split(dropout_rng)
     soft = embedder.apply({"params": plug_params}, batch["query_tokens"], batch["query_mask"],
-                          batch["history"], batch["history_mask"])
-    return llm.loss(llm_params, soft, batch)
+                          batch["history"], batch["history_mask"], **layers.apply_mode(plug_rng))
+    return llm.loss(llm_params, soft, batch, dropout_rng=llm_rng)
 
 
-def train_step(state, llm_params, batch, *, embedder, llm, optimizer, accum_steps: int):
+def train_step(state, llm_params, batch, *, embedder, llm, optimizer, accum_steps: int,
+               dropout_seed: int = 0):
     """One update of the plug; the frozen LLM is an argument, never differentiated.
 
     The batch splits into `accum_steps` microbatches whose summed gradients make one update, so
     the result equals one step on the whole batch (token-weighted mean loss).
+    Where the embedder or the LLM has dropout, the loss runs in train mode with masks drawn from
+    dropout_seed, the step and the microbatch alone: a resumed run draws the masks an
+    uninterrupted one would.
     """
+    dropout_key = None
+    if embedder.dropout_rate or llm.dropout_rate:
+        dropout_key = jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
     value_and_grad = jax.value_and_grad(
-        lambda params, micro: loss_fn(params, llm_params, micro, embedder=embedder, llm=llm),
+        lambda params, micro, rng: loss_fn(params, llm_params, micro, embedder=embedder, llm=llm,
+                                           dropout_rng=rng),
         has_aux=True)
     micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
 
-    def accumulate(carry, one):
-        (loss_sum, count), grads = value_and_grad(state["params"], one)
+    def accumulate(carry, one_and_index):
+        one, index = one_and_index
+        rng = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+        (loss_sum, count), grads = value_and_grad(state["params"], one, rng)
         total_loss, total_count, total_grads = carry
         return (total_loss + loss_sum, total_count + count,
                 jax.tree.map(jnp.add, total_grads, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
     zero = jnp.zeros((), jnp.float32)
-    (loss_sum, count, grads), _ = jax.lax.scan(accumulate, (zero, zero, zeros), micro)
+    (loss_sum, count, grads), _ = jax.lax.scan(accumulate, (zero, zero, zeros),
+                                               (micro, jnp.arange(accum_steps)))
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = optimizer.update(grads, state["opt"], state["params"])
@@ -137,11 +155,13 @@ def init_state(optimizer: optax.GradientTransformation, params: Any, mesh) -> di
 
 def jit_update(exp, optimizer: optax.GradientTransformation, state: dict, mesh):
     """The jitted `train_step` (state, llm_params, batch) -> (state, stats): the state is donated
-    and keeps its shardings step after step, so it compiles once; the frozen LLM is an argument."""
+    and keeps its shardings step after step, so it compiles once; the frozen LLM is an argument.
+    Dropout masks come from config.seed and the step."""
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     return jax.jit(functools.partial(train_step, embedder=exp.embedder, llm=exp.llm,
                                      optimizer=optimizer,
-                                     accum_steps=exp.config.optim.grad_accum_steps),
+                                     accum_steps=exp.config.optim.grad_accum_steps,
+                                     dropout_seed=exp.config.seed),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),
                    donate_argnums=(0,))
 

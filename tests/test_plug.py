@@ -72,6 +72,19 @@ def test_persona_depends_on_history_and_query():
     np.testing.assert_allclose(soft[:, 0], other_history[:, 0])  # instruction: the same for all
 
 
+def test_dropout_reaches_the_query_encoder_in_train_mode_only():
+    module = _embedder(dropout_rate=0.1)
+    tokens, mask, vectors, history_mask = _inputs()
+    params = module.init(jax.random.key(0), tokens, mask, vectors, history_mask)
+    soft = module.apply(params, tokens, mask, vectors, history_mask)
+    np.testing.assert_array_equal(
+        _embedder().apply(params, tokens, mask, vectors, history_mask), soft)
+    trained = module.apply(params, tokens, mask, vectors, history_mask, deterministic=False,
+                           rngs={"dropout": jax.random.key(1)})
+    assert not np.allclose(trained[:2, 1], soft[:2, 1])  # the query reweighs the history
+    np.testing.assert_array_equal(trained[:, 0], soft[:, 0])  # the projectors have no dropout
+
+
 def test_frozen_query_encoder_gets_no_gradient():
     module = _embedder(train_query_encoder=False)
     tokens, mask, vectors, history_mask = _inputs()

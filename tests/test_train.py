@@ -252,15 +252,19 @@ def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
     return shapes
 
 
-@pytest.mark.parametrize("remat_policy", [None, "dots_with_no_batch_dims_saveable"])
-def test_the_update_has_no_weight_gradient_dot_for_the_frozen_llm(remat_policy, tmp_path):
+@pytest.mark.parametrize("remat_policy, dropout", [(None, 0.0),
+                                                    ("dots_with_no_batch_dims_saveable", 0.0),
+                                                    (None, 0.1)])
+def test_the_update_has_no_weight_gradient_dot_for_the_frozen_llm(remat_policy, dropout,
+                                                                  tmp_path):
     """A weight's gradient is a dot over batch and length whose output has the weight's shape;
     activations keep their batch axes. Shapes that only frozen LLM weights have must not be the
-    output of any dot in the update, whereas differentiating the LLM too makes them."""
+    output of any dot in the update, whereas differentiating the LLM too makes them. The LLM in
+    train mode (dropout) is as frozen."""
     from plug_jax import experiment
     from plug_jax.data import pipeline
 
-    config = _tiny_config()
+    config = _tiny_config(llm__dropout=dropout, plug__dropout=dropout)
     if remat_policy:
         config.llm.update(remat=True, remat_policy=remat_policy)
     exp = experiment.build(config, tmp_path, splits=(config.data.train_split,), progress=False)
@@ -338,3 +342,86 @@ def test_evaluation_answers_each_split_once_per_method_and_compiles_once(tiny_ru
         answered = [i for is_zero_shot, rows in calls if is_zero_shot == zero_shot for i in rows]
         assert len(answered) == sizes  # every question of both splits once
     assert len(made) == 1 and made[0]._cache_size() == 2  # one shape: plug, and no plug
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout in the training loss (config :paper: 0.1 in the query encoder and the frozen LLM).
+
+
+def _dropout_config(cache_dir, **fields):
+    return _tiny_config(plug__dropout=0.1, llm__dropout=0.1, optim__max_steps=12,
+                        optim__epochs=10.0, optim__lr=1e-2, data__eval_splits=("dev",),
+                        data__max_eval_examples=8, data__cache_dir=str(cache_dir), **fields)
+
+
+@pytest.fixture(scope="module")
+def dropout_run(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("dropout_cache")
+    workdir = tmp_path_factory.mktemp("dropout_run")
+    return cache, train.run(_dropout_config(cache), workdir, baselines=())
+
+
+def test_a_run_with_dropout_trains_the_plug_alone_and_evaluates_deterministically(dropout_run):
+    from plug_jax import evaluate
+
+    _, result = dropout_run
+    exp = result.experiment
+    assert exp.embedder.dropout_rate == exp.llm.dropout_rate == 0.1
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3]) - 0.05, result.losses
+    assert result.compilations == 1
+    _, fresh = llm_lib.load_llm("tiny-llama")
+    for a, b in zip(jax.tree.leaves(exp.llm_params), jax.tree.leaves(fresh), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # Evaluation runs without dropout: twice the same, and the same as without any dropout rate.
+    examples, params = exp.splits["dev"][:8], result.state["params"]
+    without_dropout = dataclasses.replace(
+        exp, embedder=exp.embedder.clone(dropout_rate=0.0),
+        llm=dataclasses.replace(exp.llm, module=exp.llm.module.clone(dropout_rate=0.0)))
+    nll = evaluate.target_nll(exp, params, examples)
+    assert evaluate.target_nll(exp, params, examples) == nll
+    assert evaluate.target_nll(without_dropout, params, examples) == nll
+
+
+def test_dropout_masks_follow_the_step(dropout_run):
+    """The update is a function of the state (its step included), the batch and the seed: the
+    same state updates alike whenever it runs (so a resumed run goes on as an uninterrupted
+    one), while the next step draws other masks."""
+    from plug_jax.data import pipeline
+
+    _, result = dropout_run
+    exp = result.experiment
+    examples = exp.splits["train"][:4]
+    length = pipeline.longest_llm_length(exp.llm, examples, exp.config.data, with_targets=True)
+    batch = pipeline.make_featurize(exp, length)(examples)
+    batch = {k: v for k, v in batch.items() if k not in ("index", "example_mask")}
+    params = exp.init_plug_params(jax.random.key(3))
+    optimizer = train.make_optimizer(exp.config.optim, 10)
+    update = jax.jit(functools.partial(train.train_step, embedder=exp.embedder, llm=exp.llm,
+                                       optimizer=optimizer, accum_steps=2, dropout_seed=0))
+
+    def loss(step):
+        state = {"params": params, "opt": optimizer.init(params),
+                 "step": jnp.asarray(step, jnp.int32)}
+        return float(update(state, exp.llm_params, batch)[1]["loss"])
+
+    assert loss(5) == loss(5) != loss(6)
+
+
+def test_a_run_with_dropout_stopped_and_resumed_ends_as_an_uninterrupted_one(dropout_run,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    from plug_jax import preemption
+
+    cache, uninterrupted = dropout_run
+    config = _dropout_config(cache)
+    with monkeypatch.context() as patch:
+        patch.setattr(preemption.PreemptionGuard, "should_stop", lambda self, step: step >= 3)
+        with pytest.raises(SystemExit):
+            train.run(config, tmp_path, baselines=())
+    resumed = train.run(config, tmp_path, baselines=())
+    assert resumed.start_step == 3
+    assert resumed.losses == uninterrupted.losses[3:]
+    for a, b in zip(jax.tree.leaves(resumed.state["params"]),
+                    jax.tree.leaves(uninterrupted.state["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
