@@ -11,7 +11,8 @@ Two settings:
             1), LLM input <= 256 tokens, query <= 276 tokens cut from the truncated input (LaMP-1:
             the title), history <= 512 items, 10 augmented copies dropping 1..ceil(n/2) of all
             items, soft tokens x539.97 (instruction /7), beam 4, max new/target tokens 128
-            (LaMP-3: 10). Dropout 0.1 is recorded, not yet applied.
+            (LaMP-3: 10), dropout 0.1 in the frozen T5 and the bge query encoder while training
+            (train mode, as the reference's Trainer runs them; evaluation is deterministic).
 Single fields override from the command line: --config.optim.lr=3e-4 --config.data.dir=PATH.
 """
 
@@ -89,7 +90,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         soft_token_position="after_chat_header",  # or 'start' (a decoder-only LLM ignores it there)
         remat=False,               # recompute each layer in the backward pass: less memory, more FLOPs
         remat_policy="",           # what remat keeps: '' nothing | 'dots_with_no_batch_dims_saveable' ...
-        dropout=0.0,               # recorded only: the LLM runs without dropout for now
+        dropout=0.0,               # in the training loss, weights frozen (T5: all; Llama: attention)
     )
     config.encoder = dict(
         path="minilm",             # 'minilm' (embedded) or an HF directory (bge-base-en-v1.5, ...)
@@ -103,7 +104,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         soft_token_scale="rms",    # 'rms' (ours) | 'reference': x N, instruction x N / 7, learnable
         soft_token_norm=0.0,       # N; 0: the LLM's mean token-embedding norm (T5-XXL: ~539.97)
         param_init="default",      # 'default' | 'torch' (reference: nn.Linear kernels, torch.rand)
-        dropout=0.0,               # query encoder's; recorded only (the projectors have none)
+        dropout=0.0,               # the query encoder's, in the training loss (the projectors have none)
         persona_tokens=1,          # soft tokens the persona takes
     )
     config.optim = dict(
