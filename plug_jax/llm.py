@@ -2,10 +2,12 @@
 
 `DecoderOnlyLM` (Llama family) and `EncoderDecoderLM` (T5) turn text into fixed-shape arrays on the
 host (`featurize`), and compute on device the target-token loss (`loss`) and generations
-(`generate`) with or without soft tokens. Only the training loss runs the LLM in train mode
-(`dropout_rng`: its dropout, config.llm.dropout, on); everything else is deterministic. Soft tokens go where the family needs them: a T5 encoder
+(`generate`) with or without soft tokens. Soft tokens go where the family needs them: a T5 encoder
 sees them first; a decoder-only LLM ignores soft tokens at position 0 (its attention sink), so they
 go after the chat header by default, just before the user's text.
+
+Only the training loss runs the LLM in train mode (`loss` with a dropout_rng: config.llm.dropout
+on, the weights still frozen); scoring and generation are deterministic.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """BERT sentence encoders (bge-base-en-v1.5, all-MiniLM-L6-v2, Contriever) for the user embedder.
 
 PPlug encodes each past text of a user with a frozen sentence encoder and each query with a
-trainable copy of it. This module is the post-LN BERT encoder (no pooler head), the pooling that turns token states into L2-normalised sentence embeddings (a pure function, so the
-trainable side can call it inside a jitted loss), loading of Hugging Face safetensors checkpoints,
-the tokenizer, and `SentenceEncoder`, a batched `list[str] -> np.ndarray` for the frozen side.
+trainable copy of it. This module is the post-LN BERT encoder (no pooler head), the pooling that
+turns token states into L2-normalised sentence embeddings (a pure function, so the trainable side
+can call it inside a jitted loss), loading of Hugging Face safetensors checkpoints, the tokenizer,
+and `SentenceEncoder`, a batched `list[str] -> np.ndarray` for the frozen side.
 
 Usage on the trainable side:
 
