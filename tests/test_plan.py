@@ -1,9 +1,11 @@
 """plug_jax.plan: ahead-of-time plans of the update step, from shapes alone.
 
 The paper's configuration (Flan-T5-XXL + bge-base, batch 64) is planned by one run of the CLI for
-v4-32, v5e-16 and 8 x H100 (16 simulated CPU devices; two compiles, v5e-16 reuses v4-32's). The
-tiny configuration is planned and then compiled and run for real with the same shardings, in a
-child process with 4 CPU devices (the device count is fixed once JAX starts).
+v4-32, v5e-16 and 8 x H100 (16 simulated CPU devices; two compiles, v5e-16 reuses v4-32's), without
+its dropout: the masks' Threefry quadruples XLA:CPU's compile of the XXL step and shards as the
+activations do. The tiny configuration, with the paper's dropout, is planned and then compiled and
+run for real with the same shardings, in a child process with 4 CPU devices (the device count is
+fixed once JAX starts).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def paper(tmp_path_factory):
     """(plans by target, CLI output) for the paper's configuration on its default mesh."""
     out = tmp_path_factory.mktemp("plan") / "paper.json"
     result = run_module("-m", "plug_jax.plan", "--config", "configs/lamp3.py:paper",
+                        "--config.llm.dropout=0", "--config.plug.dropout=0",
                         "--target", ",".join(PAPER_TARGETS), "--json", str(out), timeout=1500)
     return {p["target"]: p for p in json.loads(out.read_text())}, result.stdout
 
@@ -129,6 +132,7 @@ def tiny_plan_and_real_compile(out: str) -> None:
     from plug_jax import cli, experiment, sharding, train
 
     config = cli.load_config("configs/lamp3.py:tiny")
+    config.llm.dropout = config.plug.dropout = 0.1  # the paper's: masks drawn under the mesh
     target = plan.Target("cpu-4", 4, None, None, "4 CPU devices")
     planned = plan.plan(config, target, TINY_MESH)
 
