@@ -182,6 +182,7 @@ class BertSelfAttention(nn.Module):
     config: BertConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = ""  # layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
@@ -195,7 +196,8 @@ class BertSelfAttention(nn.Module):
             return layers.constrain(y, ("batch", "length", "heads", "kv"))
 
         q, k, v = project("query"), project("key"), project("value")
-        out = layers.dot_product_attention(q, k, v, bias, scale=config.head_dim ** -0.5)
+        out = layers.dot_product_attention(q, k, v, bias, scale=config.head_dim ** -0.5,
+                                           impl=self.attention_impl)
         out = out.reshape(batch, length, config.hidden_size)
         return layers.dense(config.hidden_size, ("q_heads", "embed"), use_bias=True, dtype=self.dtype,
                             param_dtype=self.param_dtype, name="output")(out)
@@ -205,11 +207,13 @@ class BertLayer(nn.Module):
     config: BertConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = ""
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         config, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attended = BertSelfAttention(config, **kw, name="attention")(x, bias)
+        attended = BertSelfAttention(config, **kw, attention_impl=self.attention_impl,
+                                     name="attention")(x, bias)
         x = _layer_norm(config, **kw, name="attention_norm")(x + attended)
         x = layers.constrain(x, ("batch", "length", "embed"))
         h = layers.dense(config.intermediate_size, ("embed", "mlp"), use_bias=True, **kw,
@@ -226,6 +230,7 @@ class Bert(nn.Module):
     config: BertConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = ""  # how attention runs (layers.ATTENTION_IMPLS)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array,
@@ -248,7 +253,8 @@ class Bert(nn.Module):
         x = layers.constrain(x, ("batch", "length", "embed"))
         bias = layers.mask_to_bias(mask.astype(bool)[:, None, :])  # keys only: [B, 1, 1, T]
         for i in range(config.num_layers):
-            x = BertLayer(config, **kw, name=f"layer_{i}")(x, bias)
+            x = BertLayer(config, **kw, attention_impl=self.attention_impl,
+                          name=f"layer_{i}")(x, bias)
         return x
 
     def embed(self, tokens: jax.Array, mask: jax.Array,

@@ -161,6 +161,7 @@ class Attention(nn.Module):
     config: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = ""  # layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x, positions, bias, kv_cache: Cache | None = None, write_index=None):
@@ -186,7 +187,7 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
             new_kv_cache = {"k": k, "v": v}
         out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), bias,
-                                    scale=cfg.head_dim ** -0.5)
+                                    scale=cfg.head_dim ** -0.5, impl=self.attention_impl)
         out = constrain(out, ("batch", "length", "heads", "kv"))
         out = out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
         out = dense(cfg.hidden_size, ("q_heads", "embed"), use_bias=cfg.attention_out_bias,
@@ -216,13 +217,15 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = ""
 
     @nn.compact
     def __call__(self, x, positions, bias, kv_cache: Cache | None = None, write_index=None):
         cfg = self.config
         norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=self.dtype,
                                  param_dtype=self.param_dtype)
-        attended, new_kv_cache = Attention(cfg, self.dtype, self.param_dtype, name="self_attn")(
+        attended, new_kv_cache = Attention(cfg, self.dtype, self.param_dtype, self.attention_impl,
+                                           name="self_attn")(
                 norm(name="input_layernorm")(x), positions, bias, kv_cache, write_index)
         x = constrain(x + attended, ("batch", "length", "embed"))
         x = x + Mlp(cfg, self.dtype, self.param_dtype, name="mlp")(norm(name="post_attention_layernorm")(x))
@@ -247,6 +250,7 @@ class Llama(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False  # rematerialize each layer in the backward pass (saves activation memory)
     remat_policy: str = ""  # what a rematerialized layer keeps (layers.REMAT_POLICIES)
+    attention_impl: str = ""  # how attention runs (layers.ATTENTION_IMPLS)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array, *, embedded_prefix: jax.Array | None = None,
@@ -294,7 +298,8 @@ class Llama(nn.Module):
             layer_cache = None if cache is None else cache["layers"][i]
             layer_cls = (layers.remat(DecoderLayer, self.remat_policy) if self.remat and cache is None
                          else DecoderLayer)
-            x, new_layer_cache = layer_cls(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(
+            x, new_layer_cache = layer_cls(cfg, self.dtype, self.param_dtype, self.attention_impl,
+                                           name=f"layers_{i}")(
                     x, positions, bias, layer_cache, write_index)
             new_layer_caches.append(new_layer_cache)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)

@@ -211,6 +211,7 @@ class Attention(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = ""  # layers.ATTENTION_IMPLS
 
     def setup(self):
         inner = self.config.num_heads * self.config.d_kv
@@ -232,7 +233,8 @@ class Attention(nn.Module):
         keys, values = keys_values
         queries = self._split_heads(self.query(inputs_q))
         out = layers.dot_product_attention(queries, keys.astype(self.dtype),
-                                           values.astype(self.dtype), bias, scale=None)
+                                           values.astype(self.dtype), bias, scale=None,
+                                           impl=self.attention_impl)
         return self.out(out.reshape(*out.shape[:2], -1))
 
 
@@ -271,11 +273,13 @@ class EncoderLayer(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = ""
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attention = Attention(self.config, **kwargs, name="attention")
+        attention = Attention(self.config, **kwargs, attention_impl=self.attention_impl,
+                              name="attention")
         h = _norm(self.config, **kwargs, name="pre_attention_norm")(x)
         x = _constrain_residual(x + attention(h, attention.keys_values(h), bias))
         h = _norm(self.config, **kwargs, name="pre_mlp_norm")(x)
@@ -294,13 +298,14 @@ class DecoderLayer(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = ""
 
     def setup(self):
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.pre_self_attention_norm = _norm(self.config, **kwargs)
-        self.self_attention = Attention(self.config, **kwargs)
+        self.self_attention = Attention(self.config, **kwargs, attention_impl=self.attention_impl)
         self.pre_cross_attention_norm = _norm(self.config, **kwargs)
-        self.cross_attention = Attention(self.config, **kwargs)
+        self.cross_attention = Attention(self.config, **kwargs, attention_impl=self.attention_impl)
         self.pre_mlp_norm = _norm(self.config, **kwargs)
         self.mlp = MLP(self.config, **kwargs)
 
@@ -331,6 +336,7 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     remat_policy: str = ""
+    attention_impl: str = ""
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -346,7 +352,8 @@ class Encoder(nn.Module):
         layer_cls = layers.remat(EncoderLayer, self.remat_policy) if self.remat else EncoderLayer
         x = _constrain_residual(x)
         for i in range(config.num_layers):
-            x = layer_cls(config, self.dtype, self.param_dtype, name=f"layers_{i}")(x, bias)
+            x = layer_cls(config, self.dtype, self.param_dtype, self.attention_impl,
+                          name=f"layers_{i}")(x, bias)
         return _norm(config, self.dtype, self.param_dtype, name="final_norm")(x)
 
 
@@ -356,6 +363,7 @@ class Decoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     remat_policy: str = ""
+    attention_impl: str = ""
 
     def setup(self):
         config = self.config
@@ -363,7 +371,7 @@ class Decoder(nn.Module):
                 config.relative_attention_num_buckets, config.relative_attention_max_distance,
                 config.num_heads, bidirectional=False, param_dtype=self.param_dtype)
         layer_cls = layers.remat(DecoderLayer, self.remat_policy) if self.remat else DecoderLayer
-        self.layers = [layer_cls(config, self.dtype, self.param_dtype)
+        self.layers = [layer_cls(config, self.dtype, self.param_dtype, self.attention_impl)
                        for _ in range(config.num_decoder_layers)]
         self.final_norm = _norm(config, self.dtype, self.param_dtype)
 
@@ -410,13 +418,15 @@ class Decoder(nn.Module):
 
 class T5(nn.Module):
     """T5 for conditional generation. `remat` rematerializes each layer in the backward pass,
-    keeping what `remat_policy` (layers.REMAT_POLICIES) names."""
+    keeping what `remat_policy` (layers.REMAT_POLICIES) names; `attention_impl` is how attention
+    runs (layers.ATTENTION_IMPLS)."""
 
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     remat_policy: str = ""
+    attention_impl: str = ""
 
     def setup(self):
         config = self.config
@@ -424,8 +434,10 @@ class T5(nn.Module):
                 config.vocab_size, config.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                             ("vocab", "embed")))
-        self.encoder = Encoder(config, self.dtype, self.param_dtype, self.remat, self.remat_policy)
-        self.decoder = Decoder(config, self.dtype, self.param_dtype, self.remat, self.remat_policy)
+        self.encoder = Encoder(config, self.dtype, self.param_dtype, self.remat, self.remat_policy,
+                               self.attention_impl)
+        self.decoder = Decoder(config, self.dtype, self.param_dtype, self.remat, self.remat_policy,
+                               self.attention_impl)
         if not config.tie_word_embeddings:
             self.lm_head = self.param(
                     "lm_head",
