@@ -2,6 +2,7 @@
 
   python -m plug_jax.bench train --config configs/lamp3.py [--peer torch] [--steps N] [--out bench.json]
   python -m plug_jax.bench train --config configs/lamp3.py --history 8,512 [--peer torch]
+  python -m plug_jax.bench train --config configs/lamp3.py --variant llm.dtype=bfloat16 [--variant ...]
 
   python -m plug_jax.bench decode --config configs/lamp3.py [--peer torch] [--steps N]
   python -m plug_jax.bench embed --config configs/lamp3.py [--peer torch] [--texts N]
@@ -20,7 +21,8 @@ all in turn, in one process: each example's history, its most recent items as ma
 size, cycled to fill every slot (synthetic and LaMP users have far fewer), so that the
 aggregator attends over that many real items. --variant llm.dtype=bfloat16 (repeatable; FIELD=VALUE
 pairs joined by commas) times the update of the config so changed on the same batch, in turn with
-the rest: what a setting costs or buys, under the same load. Model FLOPs per step:
+the rest: what a setting costs or buys, under the same load (each update's XLA temporaries, its
+activations mostly, are reported beside its time). Model FLOPs per step:
   4 N T  +  6 P Q
 N: LLM parameters; T: LLM tokens of the batch (padded length + soft tokens, times batch size),
 each costing 2N forward and 2N in the activation-only backward (the LLM's weights get no
@@ -134,6 +136,12 @@ def _alternate(steps: int, *calls: Callable[[], Any] | None) -> list[list[float]
     return times
 
 
+def _paired_ratio(times: Sequence[float], base_times: Sequence[float]) -> float:
+    """The median over rounds of a round's time over the base's in that round: unlike a ratio of
+    medians, it holds while the load from other jobs drifts from round to round."""
+    return statistics.median(time / base for time, base in zip(times, base_times))
+
+
 def with_history_items(features: dict[str, np.ndarray], items: int) -> dict[str, np.ndarray]:
     """The batch with `items` history slots per example, filled with its most recent items,
     cycled where it has fewer (oldest first, as featurized); an example without history keeps
@@ -195,6 +203,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
                                                   splits=(config.data.train_split,), mesh=mesh,
                                                   progress=False)
                     for variant in variants}
+    for variant_exp in variant_exps.values():  # one copy of frozen weights read alike
+        if (variant_exp.config.llm.path, variant_exp.config.llm.dtype) == (config.llm.path,
+                                                                           config.llm.dtype):
+            variant_exp.llm_params = exp.llm_params
     examples = list(exp.splits[config.data.train_split])
     batch_size = config.optim.batch_size
     llm_length = pipeline.longest_llm_length(exp.llm, examples, config.data, with_targets=True)
@@ -223,9 +235,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
         optimizer = train_lib.make_optimizer(config.optim, total_steps,
                                              config.plug.train_query_encoder)
         states = {}  # each timed update's own, all from the same initial parameters
+        compiled = {}  # ahead of time, for the memory XLA plans for it
 
         def our_step(key, update, llm_params, batch):
-            states[key], stats = update(states[key], llm_params, batch)
+            if key not in compiled:
+                compiled[key] = update.lower(states[key], llm_params, batch).compile()
+            states[key], stats = compiled[key](states[key], llm_params, batch)
             return float(jax.block_until_ready(stats)["loss"])
 
         # (side, variant, history items) -> one step; '' is the config itself.
@@ -268,10 +283,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
 
     def summary(key):
         first_loss, first_call_s = first_calls[key]
-        return {**({"name": "torch"} if key[0] == "peer" else {}),
-                **_summary(times[key], first_call_s, first_loss, batch_size, target_tokens,
+        if key[0] == "peer":
+            return {"name": "torch", **_summary(times[key], first_call_s, first_loss, batch_size,
+                                                target_tokens, flops),
+                    "peak_rss_mb": peak_rss_mb()}
+        memory = compiled[key].memory_analysis()
+        return {**_summary(times[key], first_call_s, first_loss, batch_size, target_tokens,
                            flops),
-                "peak_rss_mb": ours_rss if key[0] == "ours" else peak_rss_mb()}
+                "peak_rss_mb": ours_rss,
+                "xla_temp_mb": memory.temp_size_in_bytes / 2 ** 20 if memory else float("nan")}
 
     def run(items):
         both = {side: summary((side, "", items)) for side in ("ours", "peer")
@@ -288,16 +308,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
     if len(batches) > 1:
         runs = {items: run(items) for items in batches}
         result["by_history"] = {str(items): both for items, both in runs.items()}
-        smallest, largest = runs[min(runs)], runs[max(runs)]
         result["largest_over_smallest_history"] = {
-            side: largest[side]["step_s"] / smallest[side]["step_s"]
-            for side in ("ours", "peer") if side in smallest}
+            side: _paired_ratio(times[side, "", max(batches)], times[side, "", min(batches)])
+            for side in ("ours", "peer") if (side, "", first_items) in calls}
     if variants:
-        result["variants"] = {}
-        for variant in variants:
-            ours = summary(("ours", variant, first_items))
-            result["variants"][variant] = {
-                "ours": ours, "over_ours": ours["step_s"] / result["ours"]["step_s"]}
+        result["variants"] = {
+            variant: {"ours": summary(("ours", variant, first_items)),
+                      "over_ours": _paired_ratio(times["ours", variant, first_items],
+                                                 times["ours", "", first_items])}
+            for variant in variants}
     return result
 
 
@@ -341,6 +360,7 @@ def format_train(result: dict) -> str:
              f"{result['flops_terms']['query_tokens']} = {result['flops_per_step'] / 1e9:.2f} GFLOP",
              _machine_line(result["machine"]), ""]
     lines += _table(rows, ours, peer)
+    lines.append(f"{'XLA temporaries, MiB (our update)':34}{ours['xla_temp_mb']:>14.0f}")
     if "by_history" in result:
         lines += ["", f"{'step, s, by history items':34}{'ours (JAX)':>14}"
                   + (f"{'torch':>14}{'torch/ours':>12}" if peer else "")]
@@ -349,14 +369,15 @@ def format_train(result: dict) -> str:
             if peer:
                 line += f"{run['peer']['step_s']:>14.4f}{run['peer_over_ours']:>12.2f}"
             lines.append(line)
-        growth = result["largest_over_smallest_history"]
+        growth = result["largest_over_smallest_history"]  # paired by round
         lines.append(f"{'largest / smallest history':34}{growth['ours']:>14.3f}"
                      + (f"{growth['peer']:>14.3f}" if peer else ""))
     if "variants" in result:
-        lines += ["", f"{'step, s, by variant':34}{'ours (JAX)':>14}{'/ config':>14}",
-                  f"{'the config':34}{ours['step_s']:>14.4f}{1:>14.3f}"]
+        lines += ["", f"{'by variant':34}{'step, s':>14}{'/ config':>14}{'XLA temp, MiB':>16}",
+                  f"{'the config':34}{ours['step_s']:>14.4f}{1:>14.3f}{ours['xla_temp_mb']:>16.0f}"]
         for variant, run in result["variants"].items():
-            lines.append(f"{variant:34}{run['ours']['step_s']:>14.4f}{run['over_ours']:>14.3f}")
+            lines.append(f"{variant:34}{run['ours']['step_s']:>14.4f}{run['over_ours']:>14.3f}"
+                         f"{run['ours']['xla_temp_mb']:>16.0f}")
     return "\n".join(lines)
 
 
