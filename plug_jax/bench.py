@@ -574,6 +574,9 @@ def main(argv: Sequence[str]) -> None:
     # First-call times are compile times only without the persistent compilation cache.
     jax.config.update("jax_enable_compilation_cache", False)
     run_benchmark, format_result = BENCHMARKS[argv[1]]
+    if not all(items.isdigit() and int(items) > 0 for items in HISTORY.value):
+        raise errors.UserError(f"--history {','.join(HISTORY.value)}: expected item counts, "
+                               "like 8,512")
     options = ({"texts": TEXTS.value} if argv[1] == "embed" else
                {"history": [int(items) for items in HISTORY.value], "variants": VARIANTS.value}
                if argv[1] == "train" else {})
