@@ -90,6 +90,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         soft_token_position="after_chat_header",  # or 'start' (a decoder-only LLM ignores it there)
         remat=False,               # recompute each layer in the backward pass: less memory, more FLOPs
         remat_policy="",           # what remat keeps: '' nothing | 'dots_with_no_batch_dims_saveable' ...
+        attention_impl="",         # '' JAX chooses | 'xla' | 'cudnn' (GPU flash attention, bf16) | 'einsum'
         dropout=0.0,               # in the training loss, weights frozen (T5: all; Llama: attention)
     )
     config.encoder = dict(

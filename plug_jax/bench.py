@@ -1,6 +1,8 @@
 """Benchmarks of our steps against the PyTorch way of running them.
 
   python -m plug_jax.bench train --config configs/lamp3.py [--peer torch] [--steps N] [--out bench.json]
+  python -m plug_jax.bench train --config configs/lamp3.py --history 8,512 [--peer torch]
+  python -m plug_jax.bench train --config configs/lamp3.py --variant llm.dtype=bfloat16 [--variant ...]
 
   python -m plug_jax.bench decode --config configs/lamp3.py [--peer torch] [--steps N]
   python -m plug_jax.bench embed --config configs/lamp3.py [--peer torch] [--texts N]
@@ -14,7 +16,13 @@ untimed ones; ours and the peer alternate, so that load from other jobs falls on
 train: the jitted update exactly as `train.run` builds it (donated state, the frozen LLM an
 argument) on one featurized batch of the config's shapes, and with --peer torch the same step in
 PyTorch (`plug_jax.torch_peer`), alternating step by step in this process, so that load from
-other jobs falls on both alike. Model FLOPs per step:
+other jobs falls on both alike. --history 8,512 times the same step at each of these history sizes,
+all in turn, in one process: each example's history, its most recent items as many as the largest
+size, cycled to fill every slot (synthetic and LaMP users have far fewer), so that the
+aggregator attends over that many real items. --variant llm.dtype=bfloat16 (repeatable; FIELD=VALUE
+pairs joined by commas) times the update of the config so changed on the same batch, in turn with
+the rest: what a setting costs or buys, under the same load (each update's XLA temporaries, its
+activations mostly, are reported beside its time). Model FLOPs per step:
   4 N T  +  6 P Q
 N: LLM parameters; T: LLM tokens of the batch (padded length + soft tokens, times batch size),
 each costing 2N forward and 2N in the activation-only backward (the LLM's weights get no
@@ -33,6 +41,7 @@ transformers BertModel with the same weights, pooled and normalized the same way
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -46,6 +55,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
@@ -60,6 +70,13 @@ PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time the same step in th
 STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the warm-up); the median is reported.")
 WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after the first call.")
 TEXTS = flags.DEFINE_integer("texts", 0, "embed: the most history texts to embed; 0: all.")
+VARIANTS = flags.DEFINE_multi_string(
+    "variant", [], "train: config fields to change for an update timed beside the config's, in "
+    "turn, e.g. llm.attention_impl=einsum or llm.remat=True,llm.remat_policy=dots_saveable "
+    "(the batch stays the config's); repeatable.")
+HISTORY = flags.DEFINE_list("history", [], "train: history items per example to time in turn, "
+                            "e.g. 8,512 (each example's own items cycled to fill them); empty: "
+                            "the batch as featurized (config.data.max_history slots).")
 
 
 def machine() -> dict:
@@ -108,15 +125,36 @@ def _first_call(fn: Callable[[], Any], warmup: int) -> tuple[Any, float]:
     return first, seconds
 
 
-def _alternate(steps: int, ours: Callable[[], Any], peer: Callable[[], Any] | None
-               ) -> tuple[list[float], list[float]]:
-    """Seconds of `steps` calls of each, alternating, so that load from other jobs falls on both."""
-    our_times, peer_times = [], []
+def _alternate(steps: int, *calls: Callable[[], Any] | None) -> list[list[float]]:
+    """Seconds of `steps` calls of each (None: not called), in turn, so that load from other jobs
+    falls on all alike."""
+    times = [[] for _ in calls]
     for _ in range(steps):
-        our_times.append(_seconds(ours))
-        if peer is not None:
-            peer_times.append(_seconds(peer))
-    return our_times, peer_times
+        for call, seconds in zip(calls, times):
+            if call is not None:
+                seconds.append(_seconds(call))
+    return times
+
+
+def _paired_ratio(times: Sequence[float], base_times: Sequence[float]) -> float:
+    """The median over rounds of a round's time over the base's in that round: unlike a ratio of
+    medians, it holds while the load from other jobs drifts from round to round."""
+    return statistics.median(time / base for time, base in zip(times, base_times))
+
+
+def with_history_items(features: dict[str, np.ndarray], items: int) -> dict[str, np.ndarray]:
+    """The batch with `items` history slots per example, filled with its most recent items,
+    cycled where it has fewer (oldest first, as featurized); an example without history keeps
+    none."""
+    history, mask = features["history"], features["history_mask"]
+    filled = np.zeros((history.shape[0], items, history.shape[2]), history.dtype)
+    filled_mask = np.zeros((history.shape[0], items), bool)
+    for row, (vectors, real) in enumerate(zip(history, mask)):
+        own = vectors[real][-items:]
+        if len(own):
+            filled[row] = own[np.arange(items) % len(own)]
+            filled_mask[row] = True
+    return {**features, "history": filled, "history_mask": filled_mask}
 
 
 def _summary(step_times: Sequence[float], first_call_s: float, first_loss: float, examples: int,
@@ -127,20 +165,56 @@ def _summary(step_times: Sequence[float], first_call_s: float, first_loss: float
             "flops_per_s": flops / step, "first_loss": first_loss}
 
 
+def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    """The config with a --variant's fields changed: 'llm.dtype=bfloat16',
+    'llm.remat=True,llm.remat_policy=dots_with_no_batch_dims_saveable'."""
+    changed = config.copy_and_resolve_references()
+    for assignment in variant.split(","):
+        field, equals, text = assignment.partition("=")
+        *sections, name = field.split(".")
+        try:
+            section = functools.reduce(lambda parent, key: parent[key], sections, changed)
+            old = section[name]
+        except (KeyError, TypeError):
+            old = section = None
+        if not equals or not isinstance(section, ml_collections.ConfigDict):
+            raise errors.UserError(f"--variant {variant!r}: {field!r} is not a config field "
+                                   "(expected FIELD=VALUE[,FIELD=VALUE], like llm.dtype=bfloat16)")
+        section[name] = text.lower() in ("true", "1") if isinstance(old, bool) else type(old)(text)
+    return changed
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
-          steps: int = 10, warmup: int = 1, peer: str | None = None) -> dict:
-    """Times the training update (and the peer's) on one batch of the config's shapes."""
+          steps: int = 10, warmup: int = 1, peer: str | None = None,
+          history: Sequence[int] = (), variants: Sequence[str] = ()) -> dict:
+    """Times the training update (and the peer's) on one batch of the config's shapes; with
+    `history` sizes, on one batch per size (`with_history_items`); with `variants` (config
+    changes, `variant_config`), each variant's update on the first batch too; all in turn."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="plug_jax_bench_"))
+    if history:
+        config = config.copy_and_resolve_references()
+        config.data.max_history = max(history)
     mesh = sharding.make_mesh(config.mesh)
     rules = [tuple(rule) for rule in config.axis_rules]
     cli.echo(f"building the experiment: LLM {config.llm.path}, encoder {config.encoder.path}")
     exp = experiment_lib.build(config, workdir, splits=(config.data.train_split,), mesh=mesh,
                                progress=False)
+    variant_exps = {variant: experiment_lib.build(variant_config(config, variant), workdir,
+                                                  splits=(config.data.train_split,), mesh=mesh,
+                                                  progress=False)
+                    for variant in variants}
+    for variant_exp in variant_exps.values():  # one copy of frozen weights read alike
+        if (variant_exp.config.llm.path, variant_exp.config.llm.dtype) == (config.llm.path,
+                                                                           config.llm.dtype):
+            variant_exp.llm_params = exp.llm_params
     examples = list(exp.splits[config.data.train_split])
     batch_size = config.optim.batch_size
     llm_length = pipeline.longest_llm_length(exp.llm, examples, config.data, with_targets=True)
     features = pipeline.make_featurize(exp, llm_length)(
         [examples[i % len(examples)] for i in range(batch_size)])
+    batches = ({items: with_history_items(features, items) for items in history} if history
+               else {int(features["history"].shape[1]): features})
+    first_items = next(iter(batches))
     target_tokens = float(features["target_mask"].sum())
     total_steps = train_lib.total_steps(config, len(examples))
 
@@ -149,8 +223,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
     num_soft = exp.embedder.num_soft_tokens
     shapes = {"task": config.data.task, "llm": config.llm.path, "encoder": config.encoder.path,
               "batch_size": batch_size, "llm_length": llm_length, "soft_tokens": num_soft,
-              "query_length": int(features["query_tokens"].shape[1]),
-              "history": int(features["history"].shape[1]), "target_tokens": target_tokens,
+              "query_length": int(features["query_tokens"].shape[1]), "history": first_items,
+              "history_items": float(batches[first_items]["history_mask"].sum(1).mean()),
+              "target_tokens": target_tokens,
               "llm_params": count_params(exp.llm_params), "plug_params": count_params(params)}
     llm_tokens = batch_size * (llm_length + num_soft)
     query_tokens = batch_size * shapes["query_length"]
@@ -159,20 +234,35 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         optimizer = train_lib.make_optimizer(config.optim, total_steps,
                                              config.plug.train_query_encoder)
-        state = train_lib.init_state(optimizer, params, mesh)
-        update = train_lib.jit_update(exp, optimizer, state, mesh)
-        batch = train_lib.to_global(features, mesh, rules, batch_size)
+        states = {}  # each timed update's own, all from the same initial parameters
+        compiled = {}  # ahead of time, for the memory XLA plans for it
 
-        def our_step():
-            nonlocal state
-            state, stats = update(state, exp.llm_params, batch)
+        def our_step(key, update, llm_params, batch):
+            if key not in compiled:
+                compiled[key] = update.lower(states[key], llm_params, batch).compile()
+            states[key], stats = compiled[key](states[key], llm_params, batch)
             return float(jax.block_until_ready(stats)["loss"])
 
-        cli.echo("compiling and running our first step...")
-        our_first_loss, our_first_s = _first_call(our_step, warmup)
+        # (side, variant, history items) -> one step; '' is the config itself.
+        global_batches = {items: train_lib.to_global(batch, mesh, rules, batch_size)
+                          for items, batch in batches.items()}
+        experiments = {"": exp, **variant_exps}
+        keys = [("ours", "", items) for items in batches] + [
+            ("ours", variant, first_items) for variant in variants]
+        calls = {}
+        for key in keys:
+            states[key] = train_lib.init_state(optimizer, jax.tree.map(jnp.copy, params), mesh)
+            key_exp = experiments[key[1]]
+            calls[key] = functools.partial(
+                our_step, key, train_lib.jit_update(key_exp, optimizer, states[key], mesh),
+                key_exp.llm_params, global_batches[key[2]])
+        first_calls = {}
+        for key, call in calls.items():  # one compilation each
+            cli.echo(f"compiling and running our first step ({key[1] or 'the config'}, "
+                     f"history {key[2]})...")
+            first_calls[key] = _first_call(call, warmup)
         ours_rss = peak_rss_mb()
 
-        peer_model = peer_batch = None
         if peer == "torch":
             import torch
 
@@ -181,28 +271,52 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
             torch.set_num_threads(len(os.sched_getaffinity(0)))
             cli.echo(f"building the torch peer ({torch.get_num_threads()} threads)...")
             peer_model = torch_peer.TorchPeer(exp, host_params, total_steps)
-            peer_batch = torch_peer.to_torch(features)
-            peer_first_loss, peer_first_s = _first_call(lambda: peer_model.step(peer_batch),
-                                                        warmup)
+            for items, batch in batches.items():
+                calls["peer", "", items] = functools.partial(peer_model.step,
+                                                             torch_peer.to_torch(batch))
+                first_calls["peer", "", items] = _first_call(calls["peer", "", items], warmup)
         elif peer is not None:
             raise ValueError(f"peer {peer!r}: expected 'torch' or None")
 
-        cli.echo(f"timing {steps} steps" + (" of each, alternating" if peer_model else ""))
-        our_times, peer_times = _alternate(
-            steps, our_step, None if peer_model is None else lambda: peer_model.step(peer_batch))
+        cli.echo(f"timing {steps} steps" + (" of each, in turn" if len(calls) > 1 else ""))
+        times = dict(zip(calls, _alternate(steps, *calls.values())))
+
+    def summary(key):
+        first_loss, first_call_s = first_calls[key]
+        if key[0] == "peer":
+            return {"name": "torch", **_summary(times[key], first_call_s, first_loss, batch_size,
+                                                target_tokens, flops),
+                    "peak_rss_mb": peak_rss_mb()}
+        memory = compiled[key].memory_analysis()
+        return {**_summary(times[key], first_call_s, first_loss, batch_size, target_tokens,
+                           flops),
+                "peak_rss_mb": ours_rss,
+                "xla_temp_mb": memory.temp_size_in_bytes / 2 ** 20 if memory else float("nan")}
+
+    def run(items):
+        both = {side: summary((side, "", items)) for side in ("ours", "peer")
+                if (side, "", items) in calls}
+        if "peer" in both:
+            both["peer_over_ours"] = both["peer"]["step_s"] / both["ours"]["step_s"]
+        return both
 
     result = {"benchmark": "train", "machine": machine(), "shapes": shapes,
               "flops_per_step": flops,
               "flops_formula": "4 * llm_params * llm_tokens + 6 * plug_params * query_tokens",
               "flops_terms": {"llm_tokens": llm_tokens, "query_tokens": query_tokens},
-              "ours": {**_summary(our_times, our_first_s, our_first_loss, batch_size,
-                                  target_tokens, flops), "peak_rss_mb": ours_rss}}
-    if peer_model is not None:
-        result["peer"] = {"name": "torch",
-                          **_summary(peer_times, peer_first_s, peer_first_loss, batch_size,
-                                     target_tokens, flops),
-                          "peak_rss_mb": peak_rss_mb()}
-        result["peer_over_ours"] = result["peer"]["step_s"] / result["ours"]["step_s"]
+              **run(first_items)}
+    if len(batches) > 1:
+        runs = {items: run(items) for items in batches}
+        result["by_history"] = {str(items): both for items, both in runs.items()}
+        result["largest_over_smallest_history"] = {
+            side: _paired_ratio(times[side, "", max(batches)], times[side, "", min(batches)])
+            for side in ("ours", "peer") if (side, "", first_items) in calls}
+    if variants:
+        result["variants"] = {
+            variant: {"ours": summary(("ours", variant, first_items)),
+                      "over_ours": _paired_ratio(times["ours", variant, first_items],
+                                                 times["ours", "", first_items])}
+            for variant in variants}
     return result
 
 
@@ -239,12 +353,32 @@ def format_train(result: dict) -> str:
              f"frozen), encoder {shapes['encoder']}, plug {shapes['plug_params'] / 1e6:.2f}M",
              f"batch {shapes['batch_size']} x ({shapes['llm_length']} LLM + "
              f"{shapes['soft_tokens']} soft) tokens, query {shapes['query_length']} tokens, "
-             f"history {shapes['history']}, {shapes['target_tokens']:.0f} target tokens",
+             f"history {shapes['history']} ({shapes['history_items']:.1f} items an example), "
+             f"{shapes['target_tokens']:.0f} target tokens",
              f"model FLOPs / step = 4 N T + 6 P Q = 4 x {shapes['llm_params']} x "
              f"{result['flops_terms']['llm_tokens']} + 6 x {shapes['plug_params']} x "
              f"{result['flops_terms']['query_tokens']} = {result['flops_per_step'] / 1e9:.2f} GFLOP",
              _machine_line(result["machine"]), ""]
-    return "\n".join(lines + _table(rows, ours, peer))
+    lines += _table(rows, ours, peer)
+    lines.append(f"{'XLA temporaries, MiB (our update)':34}{ours['xla_temp_mb']:>14.0f}")
+    if "by_history" in result:
+        lines += ["", f"{'step, s, by history items':34}{'ours (JAX)':>14}"
+                  + (f"{'torch':>14}{'torch/ours':>12}" if peer else "")]
+        for items, run in result["by_history"].items():
+            line = f"{items:>34}{run['ours']['step_s']:>14.4f}"
+            if peer:
+                line += f"{run['peer']['step_s']:>14.4f}{run['peer_over_ours']:>12.2f}"
+            lines.append(line)
+        growth = result["largest_over_smallest_history"]  # paired by round
+        lines.append(f"{'largest / smallest history':34}{growth['ours']:>14.3f}"
+                     + (f"{growth['peer']:>14.3f}" if peer else ""))
+    if "variants" in result:
+        lines += ["", f"{'by variant':34}{'step, s':>14}{'/ config':>14}{'XLA temp, MiB':>16}",
+                  f"{'the config':34}{ours['step_s']:>14.4f}{1:>14.3f}{ours['xla_temp_mb']:>16.0f}"]
+        for variant, run in result["variants"].items():
+            lines.append(f"{variant:34}{run['ours']['step_s']:>14.4f}{run['over_ours']:>14.3f}"
+                         f"{run['ours']['xla_temp_mb']:>16.0f}")
+    return "\n".join(lines)
 
 
 def answer_tokens(tokens: np.ndarray, eos_id: int) -> int:
@@ -385,14 +519,10 @@ def embed(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
 
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         model = torch_peer.hf_bert(encoder_config, encoder_params).eval()
-        peer_tokenizer = bert.bert_tokenizer(encoder_dir)
-
-        def peer_once():
-            return torch_peer.sentence_embeddings(
-                model, peer_tokenizer, chosen, max_length=encoder.max_length,
-                pooling=encoder_config.pooling, normalize=encoder_config.normalize,
-                batch_size=encoder.batch_size)
-
+        peer_once = functools.partial(
+            torch_peer.sentence_embeddings, model, bert.bert_tokenizer(encoder_dir), chosen,
+            max_length=encoder.max_length, pooling=encoder_config.pooling,
+            normalize=encoder_config.normalize, batch_size=encoder.batch_size)
         peer_vectors, peer_first_s = _first_call(peer_once, warmup)
     elif peer is not None:
         raise ValueError(f"peer {peer!r}: expected 'torch' or None")
@@ -444,7 +574,12 @@ def main(argv: Sequence[str]) -> None:
     # First-call times are compile times only without the persistent compilation cache.
     jax.config.update("jax_enable_compilation_cache", False)
     run_benchmark, format_result = BENCHMARKS[argv[1]]
-    options = {"texts": TEXTS.value} if argv[1] == "embed" else {}
+    if not all(items.isdigit() and int(items) > 0 for items in HISTORY.value):
+        raise errors.UserError(f"--history {','.join(HISTORY.value)}: expected item counts, "
+                               "like 8,512")
+    options = ({"texts": TEXTS.value} if argv[1] == "embed" else
+               {"history": [int(items) for items in HISTORY.value], "variants": VARIANTS.value}
+               if argv[1] == "train" else {})
     result = run_benchmark(cli.CONFIG.value, cli.WORKDIR.value, steps=STEPS.value,
                            warmup=WARMUP.value, peer=PEER.value, **options)
     cli.echo(format_result(result))

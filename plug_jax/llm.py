@@ -390,7 +390,8 @@ def _adapter(checkpoint: _Checkpoint, config, llm_config: ml_collections.ConfigD
     module_class = llama.Llama if checkpoint.family is llama else t5.T5
     module = module_class(config, dtype=dtype, param_dtype=dtype, remat=bool(llm_config.remat),
                           remat_policy=llm_config.get("remat_policy", ""),
-                          dropout_rate=float(llm_config.get("dropout", 0.0)))
+                          dropout_rate=float(llm_config.get("dropout", 0.0)),
+                          attention_impl=llm_config.get("attention_impl", ""))
     if checkpoint.family is llama:
         return DecoderOnlyLM(module, checkpoint.chat, llm_config.soft_token_position)
     return EncoderDecoderLM(module, checkpoint.tokenizer)
@@ -402,12 +403,16 @@ def build_llm(llm_config: ml_collections.ConfigDict, *, abstract: bool = False, 
     mesh's shardings when there is a mesh) or, `abstract`, as ShapeDtypeStructs with no weights."""
     checkpoint = _find_checkpoint(llm_config.path)
     dtype = DTYPES[llm_config.dtype]
+    layers.check_attention_impl(llm_config.get("attention_impl", ""), dtype)
     if abstract:
         return (_adapter(checkpoint, checkpoint.config, llm_config),
                 checkpoint.family.abstract_params(checkpoint.config, dtype))
     if checkpoint.load is None:
         raise errors.MissingFileError(f"config.llm.path: {llm_config.path} names a model whose weights "
                                 "are not here; point it at a local Hugging Face directory")
+    if llm_config.get("attention_impl") == "cudnn" and jax.default_backend() != "gpu":
+        raise errors.ConfigError(f"config.llm.attention_impl 'cudnn' needs an NVIDIA GPU; JAX "
+                                 f"runs on {jax.default_backend()} here ('' lets JAX choose)")
     shardings = None
     if mesh is not None:  # a function of the config, which the checkpoint may refine (T5's head)
         shardings = lambda config: nn.logical_to_mesh_sharding(

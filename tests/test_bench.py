@@ -6,15 +6,29 @@ import numpy as np
 import pytest
 
 from configs import lamp3
-from plug_jax import bench, experiment, train
+from plug_jax import bench, errors, experiment, train
 from plug_jax.data import pipeline
 
 
 def test_train_benchmark_times_steps_and_counts_flops(tmp_path):
     config = lamp3.get_config("tiny")
-    result = bench.train(config, tmp_path, steps=2, warmup=0)
+    result = bench.train(config, tmp_path, steps=2, warmup=0, history=(16, 2),
+                         variants=("llm.attention_impl=einsum",))
     ours, shapes = result["ours"], result["shapes"]
     assert len(ours["step_times_s"]) == 2 and min(ours["step_times_s"]) > 0
+    # The first history size is the config's row; each size and variant has its own.
+    assert shapes["history"] == 16 and 1 <= shapes["history_items"] <= 16
+    assert result["by_history"]["16"]["ours"] == ours
+    # Ratios are medians of the rounds' ratios (each round times every update once).
+    smallest = result["by_history"]["2"]["ours"]["step_times_s"]
+    assert result["largest_over_smallest_history"]["ours"] == pytest.approx(
+        np.median(np.divide(ours["step_times_s"], smallest)))
+    einsum = result["variants"]["llm.attention_impl=einsum"]
+    # Llama's attention through jax.nn.dot_product_attention or our einsums: the same loss.
+    assert einsum["ours"]["first_loss"] == pytest.approx(ours["first_loss"], rel=1e-5)
+    assert einsum["over_ours"] == pytest.approx(
+        np.median(np.divide(einsum["ours"]["step_times_s"], ours["step_times_s"])))
+    assert ours["xla_temp_mb"] > 0 and einsum["ours"]["xla_temp_mb"] > 0
     assert ours["first_call_s"] > 0 and ours["step_s"] > 0 and ours["peak_rss_mb"] > 0
     assert np.isfinite(ours["first_loss"])
 
@@ -31,7 +45,31 @@ def test_train_benchmark_times_steps_and_counts_flops(tmp_path):
     assert result["flops_per_step"] == expected
     assert ours["flops_per_s"] == pytest.approx(expected / ours["step_s"])
     assert "peer" not in result and result["machine"]["cpu_count"] >= 1
-    assert "ours (JAX)" in bench.format_train(result)
+    table = bench.format_train(result)
+    assert "ours (JAX)" in table and "largest / smallest history" in table
+    assert "llm.attention_impl=einsum" in table
+
+
+def test_history_items_fill_every_slot_from_the_example_s_own_items():
+    vectors = np.arange(1, 7, dtype=np.float32).reshape(1, 6, 1).repeat(3, 0)
+    mask = np.array([[True, True, True, False, False, False],
+                     [False] * 6, [True] * 6])
+    filled = bench.with_history_items({"history": vectors, "history_mask": mask, "tokens": 1}, 4)
+    assert filled["tokens"] == 1
+    np.testing.assert_array_equal(filled["history"][..., 0],
+                                  [[1, 2, 3, 1], [0, 0, 0, 0], [3, 4, 5, 6]])
+    np.testing.assert_array_equal(filled["history_mask"], [[True] * 4, [False] * 4, [True] * 4])
+
+
+def test_variant_config_changes_the_named_fields():
+    config = lamp3.get_config("tiny")
+    changed = bench.variant_config(config, "llm.remat=True,llm.remat_policy=dots_saveable,"
+                                           "optim.lr=0.5")
+    assert (changed.llm.remat, changed.llm.remat_policy, changed.optim.lr) == (
+        True, "dots_saveable", 0.5)
+    assert not config.llm.remat  # the config itself is left as it was
+    with pytest.raises(errors.UserError, match="'llm.remats' is not a config field"):
+        bench.variant_config(config, "llm.remats=True")
 
 
 @pytest.mark.parametrize("llm_path", ["tiny-llama", "smollm2"])

@@ -1,5 +1,6 @@
 """plug_jax.models.bert against transformers' PyTorch BERT: tiny random models and all-MiniLM-L6-v2."""
 
+import functools
 import json
 import os
 
@@ -101,16 +102,19 @@ def test_query_side_is_trainable():
                           model.init(jax.random.key(0), tokens, mask)["params"],
                           is_leaf=lambda x: hasattr(x, "unbox"))
 
-    @jax.jit
-    def loss(params):
-        embeddings = bert.pool(model.apply({"params": params}, tokens, mask), mask, "mean")
-        return jnp.sum(embeddings * jnp.arange(config.hidden_size))
+    @functools.partial(jax.jit, static_argnums=1)
+    def loss(params, attention_impl=""):
+        hidden = model.clone(attention_impl=attention_impl).apply({"params": params}, tokens, mask)
+        return jnp.sum(bert.pool(hidden, mask, "mean") * jnp.arange(config.hidden_size))
 
     grads = jax.grad(loss)(params)
     leaves = jax.tree.leaves(grads)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert float(jnp.abs(grads["layer_0"]["attention"]["query"]["kernel"]).sum()) > 0
     assert jax.tree.structure(grads) == jax.tree.structure(bert.abstract_params(config))
+    # jax.nn.dot_product_attention (the default) and our einsums compute the same.
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+                 grads, jax.grad(loss)(params, "einsum"))
 
 
 def test_dropout_acts_in_train_mode_only_and_follows_its_rng():

@@ -5,11 +5,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from plug_jax import llm as llm_lib
+from plug_jax import errors, llm as llm_lib
 
 REVIEW = ("What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, "
           "3, 4, or 5 without further explanation. review: This album is a pleasant listen with a "
@@ -92,6 +93,41 @@ def test_soft_tokens_change_the_generated_output(name):
     steered = np.asarray(generate(params, soft, batch))
     np.testing.assert_array_equal(plain[0], plain[1])
     assert not np.array_equal(plain, steered)
+
+
+@pytest.mark.usefixtures("sharp_tiny_t5")
+def test_attention_implementations_compute_the_same():
+    """config.llm.attention_impl changes how attention runs, not what it computes: T5's loss (its
+    per-head relative-position biases, padding and causal masks, no scaling) and its gradient by
+    the soft tokens are the same with jax.nn.dot_product_attention as with our einsums. (Llama's
+    loss: tests/test_bench.py, through the update; BERT's gradients: tests/test_bert.py.)"""
+    soft = jax.random.normal(jax.random.key(0), (2, 2, 32))
+    results = []
+    for impl in ("einsum", "xla"):
+        lm, params = llm_lib.build_llm(ml_collections.ConfigDict(dict(
+            path="tiny-t5", dtype="float32", soft_token_position="start", remat=False,
+            attention_impl=impl)))
+        batch = _arrays(lm.featurize([REVIEW, "Which tag? A boy wizard."], ["4", "fantasy"],
+                                     max_input_tokens=64, max_target_tokens=4, length=96))
+        results.append(jax.jit(jax.value_and_grad(lambda s: lm.loss(params, s, batch)[0]))(soft))
+    (einsum_loss, einsum_grad), (loss, grad) = results
+    np.testing.assert_allclose(loss, einsum_loss, rtol=1e-5)
+    np.testing.assert_allclose(grad, einsum_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_implementation_is_checked():
+    def build(**fields):
+        llm_lib.build_llm(ml_collections.ConfigDict({
+            "path": "tiny-llama", "dtype": "float32", "soft_token_position": "start",
+            "remat": False, **fields}))
+
+    with pytest.raises(errors.ConfigError, match="attention_impl 'flash'"):
+        build(attention_impl="flash")
+    with pytest.raises(errors.ConfigError, match="'cudnn' runs bfloat16 or float16 only"):
+        build(attention_impl="cudnn")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(errors.ConfigError, match="'cudnn' needs an NVIDIA GPU"):
+            build(attention_impl="cudnn", dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")

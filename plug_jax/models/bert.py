@@ -188,6 +188,7 @@ class BertSelfAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    attention_impl: str = ""  # layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -202,7 +203,7 @@ class BertSelfAttention(nn.Module):
 
         q, k, v = project("query"), project("key"), project("value")
         out = layers.dot_product_attention(
-                q, k, v, bias, scale=config.head_dim ** -0.5,
+                q, k, v, bias, scale=config.head_dim ** -0.5, impl=self.attention_impl,
                 weights_dropout=layers.training_dropout(nn.Dropout(self.dropout_rate),
                                                         deterministic))
         out = out.reshape(batch, length, config.hidden_size)
@@ -215,12 +216,14 @@ class BertLayer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    attention_impl: str = ""
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool = True) -> jax.Array:
         config, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rate = self.dropout_rate
-        attended = BertSelfAttention(config, **kw, dropout_rate=rate, name="attention")(
+        attended = BertSelfAttention(config, **kw, dropout_rate=rate,
+                                     attention_impl=self.attention_impl, name="attention")(
                 x, bias, deterministic)
         attended = nn.Dropout(rate)(attended, deterministic)
         x = _layer_norm(config, **kw, name="attention_norm")(x + attended)
@@ -242,6 +245,7 @@ class Bert(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    attention_impl: str = ""  # how attention runs (layers.ATTENTION_IMPLS)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array, token_types: jax.Array | None = None,
@@ -265,7 +269,8 @@ class Bert(nn.Module):
         x = layers.constrain(x, ("batch", "length", "embed"))
         bias = layers.mask_to_bias(mask.astype(bool)[:, None, :])  # keys only: [B, 1, 1, T]
         for i in range(config.num_layers):
-            x = BertLayer(config, **kw, dropout_rate=self.dropout_rate, name=f"layer_{i}")(
+            x = BertLayer(config, **kw, dropout_rate=self.dropout_rate,
+                          attention_impl=self.attention_impl, name=f"layer_{i}")(
                     x, bias, deterministic)
         return x
 

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from plug_jax import errors
+
 Dtype = Any
 NEG_INF = -1e9  # finite, so a fully masked row gives a uniform softmax rather than NaN
 
@@ -50,21 +52,49 @@ def mask_to_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
     return jnp.where(mask[:, None], 0.0, NEG_INF).astype(dtype)
 
 
-def dot_product_attention(q, k, v, bias, scale: float | None = None,
+# config.llm.attention_impl: how attention runs, not what it computes. '' lets
+# jax.nn.dot_product_attention choose (XLA today); 'xla' and 'cudnn' (flash attention on NVIDIA
+# GPUs, bf16/fp16 only) ask for one; 'einsum' is our own two einsums around an f32 softmax.
+ATTENTION_IMPLS = ("", "xla", "cudnn", "einsum")
+
+
+def check_attention_impl(impl: str, dtype) -> None:
+    """ConfigError for an implementation not in ATTENTION_IMPLS, or cuDNN at a dtype it lacks."""
+    if impl not in ATTENTION_IMPLS:
+        raise errors.ConfigError(f"config.llm.attention_impl {impl!r}: expected one of "
+                                 f"{', '.join(repr(i) for i in ATTENTION_IMPLS)}")
+    if impl == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise errors.ConfigError(f"config.llm.attention_impl 'cudnn' runs bfloat16 or float16 "
+                                 f"only, not {jnp.dtype(dtype).name}")
+
+
+def dot_product_attention(q, k, v, bias, scale: float | None = None, impl: str = "",
                           weights_dropout: Callable[[jax.Array], jax.Array] | None = None):
     """Multi-head attention with grouped key/value heads.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim];
-    bias: additive, broadcastable to [batch, heads, q_len, k_len]. Softmax runs in f32.
+    bias: additive (masks and T5's per-head relative positions), broadcastable to
+    [batch, heads, q_len, k_len]; scale: of the logits, None: none (T5). Softmax runs in f32.
+    impl: one of ATTENTION_IMPLS.
     weights_dropout: training's dropout of the attention probabilities (`training_dropout`);
-    None (evaluation, or a rate of 0) leaves them as they are.
+    None (evaluation, or a rate of 0) leaves them as they are. jax.nn.dot_product_attention has
+    no dropout, so attention with it runs as two einsums whatever `impl` says.
     """
+    scale = 1.0 if scale is None else scale
+    if impl == "einsum" or weights_dropout is not None:
+        return _einsum_attention(q, k, v, bias, scale, weights_dropout)
+    if impl == "cudnn":  # it takes a bias of the full [q_len, k_len], in the inputs' dtype
+        bias = jnp.broadcast_to(bias, (*bias.shape[:2], q.shape[1], k.shape[1]))
+        bias = jnp.maximum(bias, jnp.finfo(q.dtype).min / 2).astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
+                                        implementation=impl or None)
+
+
+def _einsum_attention(q, k, v, bias, scale: float, weights_dropout=None):
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
-    q = q.reshape(batch, q_len, kv_heads, group, head_dim)
-    if scale is not None:
-        q = q * scale
+    q = q.reshape(batch, q_len, kv_heads, group, head_dim) * scale
     logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32)
     # bias heads axis is 1 (a mask) or `heads` (T5's relative position bias).
     bias_heads = (1, 1) if bias.shape[1] == 1 else (kv_heads, group)

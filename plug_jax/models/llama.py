@@ -165,6 +165,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    attention_impl: str = ""  # layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x, positions, bias, kv_cache: Cache | None = None, write_index=None,
@@ -192,6 +193,7 @@ class Attention(nn.Module):
             new_kv_cache = {"k": k, "v": v}
         out = dot_product_attention(
                 q, k.astype(self.dtype), v.astype(self.dtype), bias, scale=cfg.head_dim ** -0.5,
+                impl=self.attention_impl,
                 weights_dropout=layers.training_dropout(nn.Dropout(self.dropout_rate),
                                                         deterministic))
         out = constrain(out, ("batch", "length", "heads", "kv"))
@@ -224,6 +226,7 @@ class DecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    attention_impl: str = ""
 
     @nn.compact
     def __call__(self, x, positions, bias, kv_cache: Cache | None = None, write_index=None,
@@ -231,7 +234,8 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=self.dtype,
                                  param_dtype=self.param_dtype)
-        attention = Attention(cfg, self.dtype, self.param_dtype, self.dropout_rate, name="self_attn")
+        attention = Attention(cfg, self.dtype, self.param_dtype, dropout_rate=self.dropout_rate,
+                              attention_impl=self.attention_impl, name="self_attn")
         attended, new_kv_cache = attention(norm(name="input_layernorm")(x), positions, bias,
                                            kv_cache, write_index, deterministic)
         x = constrain(x + attended, ("batch", "length", "embed"))
@@ -258,6 +262,7 @@ class Llama(nn.Module):
     remat: bool = False  # rematerialize each layer in the backward pass (saves activation memory)
     remat_policy: str = ""  # what a rematerialized layer keeps (layers.REMAT_POLICIES)
     dropout_rate: float = 0.0  # of the attention probabilities, with deterministic=False
+    attention_impl: str = ""  # how attention runs (layers.ATTENTION_IMPLS)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array, *, embedded_prefix: jax.Array | None = None,
@@ -305,7 +310,9 @@ class Llama(nn.Module):
             layer_cache = None if cache is None else cache["layers"][i]
             layer_cls = (layers.remat(DecoderLayer, self.remat_policy, static_argnums=(6,))
                          if self.remat and cache is None else DecoderLayer)
-            x, new_layer_cache = layer_cls(cfg, self.dtype, self.param_dtype, self.dropout_rate,
+            x, new_layer_cache = layer_cls(cfg, self.dtype, self.param_dtype,
+                                           dropout_rate=self.dropout_rate,
+                                           attention_impl=self.attention_impl,
                                            name=f"layers_{i}")(
                     x, positions, bias, layer_cache, write_index, deterministic)
             new_layer_caches.append(new_layer_cache)

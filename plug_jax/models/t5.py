@@ -217,6 +217,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    attention_impl: str = ""  # layers.ATTENTION_IMPLS
 
     def setup(self):
         inner = self.config.num_heads * self.config.d_kv
@@ -240,6 +241,7 @@ class Attention(nn.Module):
         queries = self._split_heads(self.query(inputs_q))
         out = layers.dot_product_attention(
                 queries, keys.astype(self.dtype), values.astype(self.dtype), bias, scale=None,
+                impl=self.attention_impl,
                 weights_dropout=layers.training_dropout(self.weights_dropout, deterministic))
         return self.out(out.reshape(*out.shape[:2], -1))
 
@@ -282,12 +284,14 @@ class EncoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    attention_impl: str = ""
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool = True) -> jax.Array:
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rate = self.dropout_rate
-        attention = Attention(self.config, **kwargs, dropout_rate=rate, name="attention")
+        attention = Attention(self.config, **kwargs, dropout_rate=rate,
+                              attention_impl=self.attention_impl, name="attention")
         h = _norm(self.config, **kwargs, name="pre_attention_norm")(x)
         attended = attention(h, attention.keys_values(h), bias, deterministic)
         x = _constrain_residual(x + nn.Dropout(rate)(attended, deterministic))
@@ -309,15 +313,18 @@ class DecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    attention_impl: str = ""
 
     def setup(self):
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rate = self.dropout_rate
         self.pre_self_attention_norm = _norm(self.config, **kwargs)
-        self.self_attention = Attention(self.config, **kwargs, dropout_rate=rate)
+        attention = functools.partial(Attention, self.config, **kwargs, dropout_rate=rate,
+                                      attention_impl=self.attention_impl)
+        self.self_attention = attention()
         self.self_attention_dropout = nn.Dropout(rate)
         self.pre_cross_attention_norm = _norm(self.config, **kwargs)
-        self.cross_attention = Attention(self.config, **kwargs, dropout_rate=rate)
+        self.cross_attention = attention()
         self.cross_attention_dropout = nn.Dropout(rate)
         self.pre_mlp_norm = _norm(self.config, **kwargs)
         self.mlp = MLP(self.config, **kwargs, dropout_rate=rate)
@@ -355,6 +362,7 @@ class Encoder(nn.Module):
     remat: bool = False
     remat_policy: str = ""
     dropout_rate: float = 0.0
+    attention_impl: str = ""
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -372,7 +380,7 @@ class Encoder(nn.Module):
         x = _constrain_residual(nn.Dropout(self.dropout_rate)(x, deterministic))
         for i in range(config.num_layers):
             x = layer_cls(config, self.dtype, self.param_dtype, self.dropout_rate,
-                          name=f"layers_{i}")(x, bias, deterministic)
+                          self.attention_impl, name=f"layers_{i}")(x, bias, deterministic)
         x = _norm(config, self.dtype, self.param_dtype, name="final_norm")(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic)
 
@@ -384,6 +392,7 @@ class Decoder(nn.Module):
     remat: bool = False
     remat_policy: str = ""
     dropout_rate: float = 0.0
+    attention_impl: str = ""
 
     def setup(self):
         config = self.config
@@ -392,7 +401,8 @@ class Decoder(nn.Module):
                 config.num_heads, bidirectional=False, param_dtype=self.param_dtype)
         layer_cls = (layers.remat(DecoderLayer, self.remat_policy, static_argnums=(8,))
                      if self.remat else DecoderLayer)
-        self.layers = [layer_cls(config, self.dtype, self.param_dtype, self.dropout_rate)
+        self.layers = [layer_cls(config, self.dtype, self.param_dtype, self.dropout_rate,
+                                 self.attention_impl)
                        for _ in range(config.num_decoder_layers)]
         self.final_norm = _norm(config, self.dtype, self.param_dtype)
         self.input_dropout = nn.Dropout(self.dropout_rate)
@@ -443,7 +453,8 @@ class Decoder(nn.Module):
 class T5(nn.Module):
     """T5 for conditional generation. `remat` rematerializes each layer in the backward pass,
     keeping what `remat_policy` (layers.REMAT_POLICIES) names. `dropout_rate` acts in calls with
-    deterministic=False (and a 'dropout' rng) only."""
+    deterministic=False (and a 'dropout' rng) only; `attention_impl` is how attention runs
+    (layers.ATTENTION_IMPLS)."""
 
     config: T5Config
     dtype: Dtype = jnp.float32
@@ -451,6 +462,7 @@ class T5(nn.Module):
     remat: bool = False
     remat_policy: str = ""
     dropout_rate: float = 0.0
+    attention_impl: str = ""
 
     def setup(self):
         config = self.config
@@ -459,7 +471,7 @@ class T5(nn.Module):
                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                             ("vocab", "embed")))
         stack = (config, self.dtype, self.param_dtype, self.remat, self.remat_policy,
-                 self.dropout_rate)
+                 self.dropout_rate, self.attention_impl)
         self.encoder = Encoder(*stack)
         self.decoder = Decoder(*stack)
         if not config.tie_word_embeddings:
