@@ -83,11 +83,13 @@ def load_config(spec: str):
 
 def use_compilation_cache(directory: str | None = None) -> None:
     """XLA programs persist on disk (JAX_COMPILATION_CACHE_DIR, else ~/.cache/plug_jax/xla), so a
-    second run with the same shapes skips compilation."""
+    second run with the same shapes skips compilation. Those that compile in 0.5 s or more, unless
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise."""
     directory = (directory or os.environ.get("JAX_COMPILATION_CACHE_DIR")
                  or os.path.join(os.path.expanduser("~"), ".cache", "plug_jax", "xla"))
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0.5)))
 
 
 def fail(message: str) -> NoReturn:

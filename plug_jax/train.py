@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 from etils import epath
+from orbax.checkpoint import multihost
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
@@ -166,6 +167,16 @@ def jit_update(exp, optimizer: optax.GradientTransformation, state: dict, mesh):
                    donate_argnums=(0,))
 
 
+def wait_for_every_process_to_compile(update, *args) -> None:
+    """With several processes, compile the update ahead and wait for the slowest host: on CPUs,
+    gloo's collectives give up on a peer that arrives 30 s late, and compile times differ."""
+    if jax.process_count() == 1:
+        return
+    update.lower(*args).compile()
+    multihost.sync_global_processes("plug_jax.update_compiled", timeout=3600,
+                                    processes=set(range(jax.process_count())))
+
+
 @dataclasses.dataclass
 class RunResult:
     experiment: Any
@@ -272,6 +283,8 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, exp: experiment
                 del batch["index"], batch["example_mask"]  # no padding in training batches
                 batch = to_global(batch, mesh, rules, config.optim.batch_size)
                 data_state = batches.get_state()
+                if step == start + 1:
+                    wait_for_every_process_to_compile(update, state, exp.llm_params, batch)
                 state, stats = update(state, exp.llm_params, batch)
                 pending.append(stats)
                 bar.update(1)

@@ -1,6 +1,8 @@
 """The suite runs offline: nothing may come from a model hub. Compiled XLA programs persist for
-the session, so runs of the same shapes (compare's seeds, resumed runs) skip compilation.
-Fixtures shared by test modules."""
+the session, so runs of the same shapes (compare's seeds, resumed runs) skip compilation: one
+cache directory per test run, shared by pytest-xdist's workers and inherited by every subprocess a
+test starts (the training CLI's runs, plans), whatever their size. It holds executables, never
+results. Fixtures shared by test modules."""
 
 import dataclasses
 import os
@@ -10,12 +12,26 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+
+def _compilation_cache_dir() -> str:
+    """This test run's cache: xdist's workers share their run's id, a plain run makes its own."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        return tempfile.mkdtemp(prefix="plug_jax_xla_")
+    directory = os.path.join(tempfile.gettempdir(), f"plug_jax_xla_{run}")
+    os.makedirs(directory, exist_ok=True)
+    return directory
+
+
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _compilation_cache_dir()
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the eager inits' small programs
+
 import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
 
 from plug_jax import cli  # noqa: E402
 
-cli.use_compilation_cache(tempfile.mkdtemp(prefix="plug_jax_xla_"))
+cli.use_compilation_cache()
 
 # Real LaMP-format data beside the repository (../shared/data/lamp-real), never copied into it.
 LAMP_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "lamp-real"

