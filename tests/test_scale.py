@@ -118,7 +118,7 @@ def _start(args: list[str], env: dict, log: Path, devices: int = 1,
     return process
 
 
-def _finish(process: subprocess.Popen, timeout: float = 600) -> str:
+def _finish(process: subprocess.Popen, timeout: float = 1200) -> str:
     """Its output, once it exited 0."""
     try:
         process.wait(timeout=timeout)
