@@ -164,32 +164,62 @@ class DecoderOnlyLM(_TargetLoss):
                 np.asarray(starts, np.int32)[:, None] + np.arange(span, dtype=np.int32), length - 1)
         return features
 
+    def _shared_header(self, dropout_rng: jax.Array | None) -> int:
+        """How many leading tokens every row shares and runs once: the chat header before the soft
+        tokens sees nothing after it, so its keys and values are the same for every row and step.
+        0 when the soft tokens go first, or when the header's attention dropout must differ by row."""
+        if self.insert_at == 0 or (dropout_rng is not None and self.dropout_rate > 0):
+            return 0
+        return self.insert_at
+
+    def _header_cache(self, params, batch_size: int, max_length: int) -> Cache:
+        """A cache of `max_length` slots holding the chat header, run for one row, broadcast."""
+        header = jnp.asarray([self.chat.header_ids], jnp.int32)
+        cache = llama.init_cache(self.module.config, 1, max_length, self.module.dtype)
+        _, cache = self.module.apply({"params": params}, header, jnp.ones(header.shape, bool),
+                                     cache=cache, logit_positions=jnp.zeros((1, 1), jnp.int32))
+        return jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (batch_size, *leaf.shape[1:])), cache)
+
+    def _run_after_header(self, params, soft: jax.Array | None, batch: Batch, room: int | None,
+                          logit_positions: jax.Array, dropout_rng: jax.Array | None = None
+                          ) -> tuple[jax.Array, Cache | None]:
+        """The LM over [header][soft][rest of the row] with the header run once (`_shared_header`):
+        logits at `logit_positions` (slots of the whole row, soft tokens counted); with a `room`,
+        the cache, with that many free slots after the row (for decoding)."""
+        header = self._shared_header(dropout_rng)
+        size, length = batch["tokens"].shape
+        prefix = 0 if soft is None else soft.shape[1]
+        slots = length + prefix + (room or 0)
+        cache = None
+        if header:
+            cache = self._header_cache(params, size, slots)
+        elif room is not None:
+            cache = llama.init_cache(self.module.config, size, slots, self.module.dtype)
+        logits, cache = self.module.apply(
+                {"params": params}, batch["tokens"][:, header:], batch["mask"][:, header:],
+                embedded_prefix=soft, insert_at=self.insert_at - header, cache=cache,
+                logit_positions=logit_positions - header, **layers.apply_mode(dropout_rng))
+        return logits, None if room is None else cache
+
     def example_nll(self, params, soft: jax.Array | None, batch: Batch,
                     dropout_rng: jax.Array | None = None):
         positions = batch["target_positions"]
         if soft is not None:  # the soft tokens sit before the prompt's user text, so before these
             positions = positions + soft.shape[1]
-        logits, _ = self.module.apply({"params": params}, batch["tokens"], batch["mask"],
-                                      embedded_prefix=soft, insert_at=self.insert_at,
-                                      logit_positions=positions, **layers.apply_mode(dropout_rng))
+        logits, _ = self._run_after_header(params, soft, batch, None, positions, dropout_rng)
         return _example_nll(logits, batch["targets"], batch["target_mask"])
 
     def prefill(self, params, soft: jax.Array | None, batch: Batch,
                 max_new_tokens: int) -> tuple[jax.Array, Cache]:
-        """Runs right-padded prompts (with soft tokens) into a fresh cache with room for max_new_tokens.
+        """Runs right-padded prompts (with soft tokens) into a cache with room for max_new_tokens.
 
         Returns (logits [B, V] at each prompt's last real slot, cache). Generated tokens then go after
         the padding slots, which stay masked, so every row continues from its own last token.
         """
-        size, length = batch["tokens"].shape
         prefix = 0 if soft is None else soft.shape[1]
-        cache = llama.init_cache(self.module.config, size, length + prefix + max_new_tokens,
-                                 self.module.dtype)
         # The LM head at the last real slot alone: soft tokens sit before it, padding after.
         last = jnp.sum(batch["mask"], axis=1, dtype=jnp.int32) - 1 + prefix
-        logits, cache = self.module.apply({"params": params}, batch["tokens"], batch["mask"],
-                                          embedded_prefix=soft, insert_at=self.insert_at, cache=cache,
-                                          logit_positions=last[:, None])
+        logits, cache = self._run_after_header(params, soft, batch, max_new_tokens, last[:, None])
         return logits[:, 0], cache
 
     def tokens_to_logits_fn(self, params) -> Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]:

@@ -48,6 +48,41 @@ def test_decoder_only_loss_covers_exactly_the_answer_tokens():
     assert float(loss_sum) == pytest.approx(expected, rel=1e-5)
 
 
+def test_the_shared_header_runs_once_with_the_loss_gradient_and_prefill_of_the_full_forward():
+    lm, params = llm_lib.load_llm("tiny-llama")
+    features = lm.featurize(["What is 2+2?", "Say hi", "A longer question for the third row"],
+                            ["4", "hi there", "yes"], max_input_tokens=32, max_target_tokens=4,
+                            length=48)
+    batch = _arrays(features)
+    soft = jax.random.normal(jax.random.key(2), (3, 2, lm.width)) * 0.2
+
+    def full_forward_loss(soft):  # every row runs its own header
+        logits, _ = lm.module.apply({"params": params}, batch["tokens"], batch["mask"],
+                                    embedded_prefix=soft, insert_at=lm.insert_at,
+                                    logit_positions=batch["target_positions"] + 2)
+        return jnp.sum(llm_lib._example_nll(logits, batch["targets"], batch["target_mask"])[0])
+
+    def loss(soft):
+        return lm.loss(params, soft, batch)[0]
+
+    np.testing.assert_allclose(loss(soft), full_forward_loss(soft), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(loss)(soft), jax.grad(full_forward_loss)(soft),
+                               rtol=1e-4, atol=1e-6)
+    flops = {name: jax.jit(jax.grad(fn)).lower(soft).compile().cost_analysis()["flops"]
+             for name, fn in (("shared", loss), ("full", full_forward_loss))}
+    assert flops["shared"] < flops["full"]
+
+    prompts = _arrays(lm.featurize(["What is 2+2?", "Say hi", "Hello"], None, max_input_tokens=32,
+                                   max_target_tokens=4, length=40))
+    logits, cache = lm.prefill(params, soft, prompts, max_new_tokens=3)
+    full, _ = lm.module.apply({"params": params}, prompts["tokens"], prompts["mask"],
+                              embedded_prefix=soft, insert_at=lm.insert_at)
+    last = prompts["mask"].sum(axis=1) - 1 + 2
+    np.testing.assert_allclose(logits, full[np.arange(3), last], rtol=1e-4, atol=1e-5)
+    assert cache["key_mask"].shape == (3, 40 + 2 + 3)
+    assert int(cache["index"][0]) == 40 + 2
+
+
 def test_soft_tokens_go_after_the_chat_header():
     lm, _ = llm_lib.load_llm("tiny-llama")
     header = lm.tokenizer.decode(lm.featurize(["x"], None, max_input_tokens=8, max_target_tokens=1,

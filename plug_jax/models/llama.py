@@ -309,7 +309,7 @@ class Llama(nn.Module):
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else cache["layers"][i]
             layer_cls = (layers.remat(DecoderLayer, self.remat_policy, static_argnums=(6,))
-                         if self.remat and cache is None else DecoderLayer)
+                         if self.remat else DecoderLayer)
             x, new_layer_cache = layer_cls(cfg, self.dtype, self.param_dtype,
                                            dropout_rate=self.dropout_rate,
                                            attention_impl=self.attention_impl,
