@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
 import numpy as np
-from rouge_score import rouge_scorer
 
 from plug_jax.data.lamp import get_task
 
@@ -83,7 +83,11 @@ def rating_metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict[str
             "rmse": math.sqrt(float(np.mean(error ** 2)))}
 
 
-_ROUGE = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+@functools.cache
+def _rouge():
+    from rouge_score import rouge_scorer  # here: with nltk, 1.2 s of start-up
+
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
 
 
 def rouge_metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
@@ -101,7 +105,7 @@ def rouge_per_question(predictions: Sequence[str], golds: Sequence[str]) -> dict
     _check_lengths(predictions, golds)
     rouge1, rougeL = [], []
     for prediction, gold in zip(predictions, golds):
-        scores = _ROUGE.score(gold.strip(), prediction.strip())  # (target, prediction)
+        scores = _rouge().score(gold.strip(), prediction.strip())  # (target, prediction)
         rouge1.append(scores["rouge1"].fmeasure)
         rougeL.append(scores["rougeL"].fmeasure)
     return {"rouge-1": np.array(rouge1), "rouge-L": np.array(rougeL)}

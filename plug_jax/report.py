@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 from etils import epath
-from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-from matplotlib.ticker import MaxNLocator
 
 from plug_jax import metrics
 from plug_jax import workdir as workdir_lib
 from plug_jax.data import lamp
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 USERS_SHOWN = 3
 ITEMS_SHOWN = 8       # per user: the most attended items
@@ -35,6 +36,13 @@ def _short(text: str, chars: int) -> str:
 
 # ------------------------------------------------------------------------------------ figures
 
+def _figure(width: float, height: float) -> Figure:
+    # matplotlib is imported here: 0.9 s of every start-up. No pyplot: no global state, no display.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
 def _save_png(figure: Figure, path: epath.PathLike) -> None:
     with workdir_lib.open_atomic(path, "wb") as file:
         figure.savefig(file, format="png", dpi=120)
@@ -42,8 +50,10 @@ def _save_png(figure: Figure, path: epath.PathLike) -> None:
 
 def loss_figure(records: Sequence[Mapping[str, float]], path: Path) -> Path:
     """Training loss and learning rate against the step (train_metrics.jsonl's records)."""
+    from matplotlib.ticker import MaxNLocator
+
     steps = [r["step"] for r in records]
-    figure = Figure(figsize=(7, 5), layout="constrained")
+    figure = _figure(7, 5)
     loss_axes, lr_axes = figure.subplots(2, 1, sharex=True)
     loss_axes.plot(steps, [r["loss"] for r in records], marker="o", markersize=3)
     loss_axes.set_ylabel("loss (nats / target token)")
@@ -73,7 +83,7 @@ def metric_figure(results: Mapping[str, Any], task_name: str, path: Path) -> Pat
     headline = metrics.headline_metric(task_name)
     splits = sorted({split for by_split in results.values() for split in by_split})
     methods = list(results)
-    figure = Figure(figsize=(4 + 3 * len(splits), 1.2 + 0.45 * len(methods)), layout="constrained")
+    figure = _figure(4 + 3 * len(splits), 1.2 + 0.45 * len(methods))
     all_axes = np.atleast_1d(figure.subplots(1, len(splits), sharey=True))
     all_axes[0].invert_yaxis()  # shared: the first method on top in every panel
     for axes, split in zip(all_axes, splits):
@@ -107,7 +117,7 @@ def attention_figure(users: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
 def draw_attention(users: Sequence[Mapping[str, Any]]) -> Figure:
     heights = [1.2 + 0.32 * min(len(u["items"]), ITEMS_SHOWN) for u in users]
-    figure = Figure(figsize=(8, 0.6 + sum(heights)), layout="constrained")
+    figure = _figure(8, 0.6 + sum(heights))
     all_axes = np.atleast_1d(figure.subplots(len(users), 1, height_ratios=heights))
     for axes, user in zip(all_axes, users):
         items = sorted(user["items"], key=lambda item: -item["weight"])[:ITEMS_SHOWN]

@@ -24,7 +24,6 @@ import numpy as np
 import optax
 from etils import epath
 from orbax.checkpoint import multihost
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from plug_jax import checkpoint, cli, errors, evaluate, export, methods, preemption, report
@@ -270,7 +269,11 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, exp: experiment
         update = jit_update(exp, optimizer, state, mesh)
 
         # ------------------------------------------------------------ training loop
-        writer = SummaryWriter(str(workdir / "tensorboard")) if is_main else None
+        writer = None
+        if is_main:
+            import tensorboardX  # here: it imports torch, 2 s of every start-up where installed
+
+            writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
         train_log = workdir_lib.JsonLines(workdir / "train_metrics.jsonl") if is_main else None
         # The stats stay on the device until a logging or checkpoint step fetches them (no
         # per-step host sync), and every state saved has had its losses checked.
