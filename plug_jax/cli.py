@@ -36,6 +36,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from plug_jax import errors
+from plug_jax.models import assets
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/lampN.py file; ':tiny' for a smoke test, ':paper' for the paper.")
@@ -82,11 +83,11 @@ def load_config(spec: str):
 
 
 def use_compilation_cache(directory: str | None = None) -> None:
-    """XLA programs persist on disk (JAX_COMPILATION_CACHE_DIR, else ~/.cache/plug_jax/xla), so a
-    second run with the same shapes skips compilation. Those that compile in 0.5 s or more, unless
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise."""
+    """XLA programs persist on disk (JAX_COMPILATION_CACHE_DIR, else assets.cache_dir("xla"):
+    ~/.cache/plug_jax/xla), so a second run with the same shapes skips compilation. Those that
+    compile in 0.5 s or more, unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise."""
     directory = (directory or os.environ.get("JAX_COMPILATION_CACHE_DIR")
-                 or os.path.join(os.path.expanduser("~"), ".cache", "plug_jax", "xla"))
+                 or str(assets.cache_dir("xla")))
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0.5)))

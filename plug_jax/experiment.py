@@ -72,8 +72,12 @@ class Experiment:
 
     def init_plug_params(self, rng: jax.Array, mesh=None):
         """Fresh projectors and instruction vector; the query encoder starts as the encoder."""
-        params = dict(layers.unboxed(self._init_plug(rng)["params"]))
-        if "query_encoder" in params:
+        def fresh(rng):  # one program, in which the query encoder's random init is dead code
+            params = layers.unboxed(self._init_plug(rng)["params"])
+            return {name: value for name, value in params.items() if name != "query_encoder"}
+
+        params = jax.jit(fresh)(rng)
+        if self.embedder.persona_tokens:
             # A copy: the training state is donated to the update, which frees its buffers.
             params["query_encoder"] = jax.tree.map(jnp.copy, self.encoder_params)
         return params if mesh is None else jax.device_put(params, self.plug_shardings(mesh))

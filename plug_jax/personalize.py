@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import string
 import sys
 from pathlib import Path
@@ -46,7 +45,7 @@ from plug_jax import cli, decode, errors, evaluate, export, plug
 from plug_jax import experiment as experiment_lib
 from plug_jax import llm as llm_lib
 from plug_jax.data import history as history_lib, lamp
-from plug_jax.models import llama
+from plug_jax.models import assets, llama
 
 # What --config may change: where the models live here, and how to decode. The rest is the recipe
 # the plug was trained with.
@@ -62,11 +61,6 @@ class MismatchError(errors.UserError):
 
 class UsageError(errors.UserError):
     """Flags that do not make a request."""
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "plug_jax" / "history"
 
 
 def run_config(plug_config: Mapping[str, Any],
@@ -289,7 +283,7 @@ def personalize() -> None:
     if QUESTIONS.value and not (cli.OUT.value or EMIT_EMBEDS.value):
         raise UsageError("--questions needs --out (LaMP outputs) or --emit_embeds")
     personalizer = Personalizer.load(PLUG.value, cli.CONFIG.value,
-                                     CACHE_DIR.value or default_cache_dir())
+                                     CACHE_DIR.value or assets.cache_dir("history"))
     if INPUT.value is not None:
         examples = [personalizer.example(INPUT.value, read_profile(PROFILE.value))]
     else:

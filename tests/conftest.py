@@ -1,8 +1,9 @@
-"""The suite runs offline: nothing may come from a model hub. Compiled XLA programs persist for
-the session, so runs of the same shapes (compare's seeds, resumed runs) skip compilation: one
-cache directory per test run, shared by pytest-xdist's workers and inherited by every subprocess a
-test starts (the training CLI's runs, plans), whatever their size. It holds executables, never
-results. Fixtures shared by test modules."""
+"""The suite runs offline: nothing may come from a model hub. What plug_jax caches (compiled XLA
+programs, parsed GGUF metadata, history embeddings) persists for the session, so runs of the same
+shapes (compare's seeds, resumed runs) skip compilation and no run parses SmolLM2's vocabulary
+twice: one cache directory per test run, shared by pytest-xdist's workers and inherited by every
+subprocess a test starts (the training CLI's runs, plans), whatever their size. It holds what can
+be recomputed, never results. Fixtures shared by test modules."""
 
 import dataclasses
 import os
@@ -13,18 +14,25 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
-def _compilation_cache_dir() -> str:
+def _cache_dir() -> str:
     """This test run's cache: xdist's workers share their run's id, a plain run makes its own."""
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if run is None:
-        return tempfile.mkdtemp(prefix="plug_jax_xla_")
-    directory = os.path.join(tempfile.gettempdir(), f"plug_jax_xla_{run}")
+        return tempfile.mkdtemp(prefix="plug_jax_cache_")
+    directory = os.path.join(tempfile.gettempdir(), f"plug_jax_cache_{run}")
     os.makedirs(directory, exist_ok=True)
     return directory
 
 
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _compilation_cache_dir()
+os.environ["PLUG_JAX_CACHE_DIR"] = _cache_dir()
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["PLUG_JAX_CACHE_DIR"], "xla")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the eager inits' small programs
+# Tests check behaviour, not speed: XLA:CPU compiles them without LLVM's optimisations, which
+# takes a third off the compile time that most of the suite is (the benchmarks and every command
+# keep the defaults). Subprocesses inherit it; those that add flags keep these.
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+    os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true"]))
 
 import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
@@ -37,6 +45,16 @@ cli.use_compilation_cache()
 LAMP_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "lamp-real"
 # Set to 1 where the data must be there (CI): a missing directory then fails instead of skipping.
 REQUIRE_SHARED_DATA = "PLUG_JAX_REQUIRE_SHARED_DATA"
+
+
+# The longest files first: pytest-xdist hands whole files to its workers in collection order, and
+# the scale runs' background processes then overlap the rest instead of ending the suite alone.
+LONGEST_FIRST = ("test_scale.py", "test_plan.py", "test_train.py", "test_compare.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
 
 
 @pytest.fixture

@@ -55,8 +55,8 @@ def _state(seed: int = 0, steps: int = 2):
 def _run(script: str, tmp_path: Path, *, devices: int = 1, **popen) -> subprocess.Popen:
     path = tmp_path / "script.py"
     path.write_text(textwrap.dedent(script))
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
     return subprocess.Popen([sys.executable, str(path)], cwd=REPO, env=env, text=True, **popen)
 
 
@@ -292,7 +292,7 @@ def test_two_processes_stop_at_the_same_step(tmp_path, service):
     worker = tmp_path / "worker.py"
     worker.write_text(MULTIPROCESS_WORKER)
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2")
     previous = None
     for _ in range(2):  # the second round resumes from the first one's checkpoint
         with socket.socket() as probe:

@@ -395,3 +395,56 @@ def test_unreadable_file_is_one_line(tmp_path):
     path = tmp_path / "broken.gguf"
     path.write_bytes(b"not a gguf file at all")
     _one_line_error(path, str(path), "GGUF")
+
+
+def _write_gguf(path, vocab):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list(vocab)
+    writer.add_float32("llama.rope.freq_base", 10000.5)
+    writer.add_tensor("token_embd.weight", np.zeros((len(vocab), 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_metadata_is_parsed_once_then_read_from_the_cache_until_the_file_changes(
+        tmp_path, monkeypatch):
+    import gguf as gguf_package
+
+    from plug_jax.models import gguf
+
+    monkeypatch.setenv("PLUG_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    _write_gguf(path, ["a", "b", "é"])
+    reader = gguf_package.GGUFReader(str(path))
+    expected = {name: field.contents() for name, field in reader.fields.items()
+                if not name.startswith("GGUF.")}
+    parsed = gguf.read_metadata(path)
+    assert parsed == {**expected, "tensor_names": ["token_embd.weight"]}
+    assert parsed["llama.rope.freq_base"] == 10000.5
+    assert len(list((tmp_path / "cache" / "gguf").glob("model-*.json"))) == 1
+
+    gguf._read_metadata.cache_clear()  # a new process: the JSON, not the reader
+    gguf._open_reader.cache_clear()
+    monkeypatch.setattr(gguf_package, "GGUFReader", None)
+    assert gguf.read_metadata(path) == parsed
+
+    monkeypatch.undo()  # the file rewritten: parsed again, into a new cache entry
+    monkeypatch.setenv("PLUG_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    _write_gguf(path, ["a", "b", "c", "d"])
+    os.utime(path, ns=(0, 10**18))
+    assert gguf.read_metadata(path)["tokenizer.ggml.tokens"] == ["a", "b", "c", "d"]
+    assert len(list((tmp_path / "cache" / "gguf").glob("model-*.json"))) == 2
+
+
+def test_gguf_metadata_without_a_writable_cache(tmp_path, monkeypatch):
+    from plug_jax.models import gguf
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("PLUG_JAX_CACHE_DIR", str(tmp_path / "file"))  # not a directory
+    path = tmp_path / "model.gguf"
+    _write_gguf(path, ["x", "y"])
+    assert gguf.read_metadata(path)["tokenizer.ggml.tokens"] == ["x", "y"]

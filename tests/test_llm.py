@@ -147,7 +147,8 @@ def test_attention_implementations_compute_the_same():
         results.append(jax.jit(jax.value_and_grad(lambda s: lm.loss(params, s, batch)[0]))(soft))
     (einsum_loss, einsum_grad), (loss, grad) = results
     np.testing.assert_allclose(loss, einsum_loss, rtol=1e-5)
-    np.testing.assert_allclose(grad, einsum_grad, rtol=1e-4, atol=1e-6)
+    # Gradients up to 0.2: float32 sums in another order move the smallest ones by ~1e-6.
+    np.testing.assert_allclose(grad, einsum_grad, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_implementation_is_checked():

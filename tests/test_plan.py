@@ -1,11 +1,12 @@
 """plug_jax.plan: ahead-of-time plans of the update step, from shapes alone.
 
 The paper's configuration (Flan-T5-XXL + bge-base, batch 64) is planned by one run of the CLI for
-v4-32, v5e-16 and 8 x H100 (16 simulated CPU devices; two compiles, v5e-16 reuses v4-32's), without
-its dropout: the masks' Threefry quadruples XLA:CPU's compile of the XXL step and shards as the
-activations do. The tiny configuration, with the paper's dropout, is planned and then compiled and
-run for real with the same shardings, in a child process with 4 CPU devices (the device count is
-fixed once JAX starts).
+v4-32 and v5e-16 (16 simulated CPU devices; one compile, which v5e-16 reuses), without its dropout:
+the masks' Threefry quadruples XLA:CPU's compile of the XXL step and shards as the activations do.
+(Another device count is another compile of the XXL step, a minute and a half: the 8-device
+h100x8 target is planned, and searched, with the tiny configuration.) The tiny configuration,
+with the paper's dropout, is planned and then compiled and run for real with the same shardings,
+in a child process with 4 CPU devices (the device count is fixed once JAX starts).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 from plug_jax import plan
 
 REPO = Path(__file__).resolve().parents[1]
-PAPER_TARGETS = ("v4-32", "v5e-16", "h100x8")
+PAPER_TARGETS = ("v4-32", "v5e-16")
 MiB = 2**20
 
 
@@ -98,7 +99,7 @@ def test_cli_prints_plans_and_table(paper):
         assert column in header
     rows = [line for line in stdout.splitlines() if line[2:].startswith(PAPER_TARGETS)]
     assert len(rows) == len(PAPER_TARGETS)
-    assert "data=1,fsdp=16,tensor=1" in stdout and "data=1,fsdp=8,tensor=1" in stdout
+    assert "data=1,fsdp=16,tensor=1" in stdout
     assert "XLA CPU compiler" in stdout
 
 
@@ -110,6 +111,7 @@ def test_cli_search_marks_the_best_mesh():
     assert len(rows) == len(plan.candidate_meshes(8)) == 6, result.stdout
     best = [line for line in rows if line.startswith("* ")]
     assert len(best) == 1 and rows[0] == best[0]
+    assert sum("data=1,fsdp=8,tensor=1" in row for row in rows) == 1
     assert "best fitting mesh" in result.stdout and "memory per device in MiB" in result.stdout
 
 

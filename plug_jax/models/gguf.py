@@ -9,6 +9,9 @@ one; that permutation is undone here.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,9 +19,11 @@ from typing import Any
 import gguf
 import numpy as np
 
+from plug_jax.models import assets
 from plug_jax.models.loading import CheckpointError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+_FORMAT = 1  # of the cached metadata: a change reads every file again
 
 # GGUF tensor name -> Hugging Face name (regex groups fill the template).
 _TENSOR_NAMES = (
@@ -34,7 +39,8 @@ _TENSOR_NAMES = (
 
 
 def open_reader(path: str | Path) -> gguf.GGUFReader:
-    """A (memory-mapped) reader; cached, as parsing the metadata of a 50k-token vocabulary takes seconds."""
+    """A (memory-mapped) reader, for the tensors; cached, as parsing the metadata of a 50k-token
+    vocabulary takes seconds."""
     path = Path(path).resolve()
     try:
         stat = path.stat()
@@ -49,10 +55,39 @@ def _open_reader(path: str, mtime_ns: int, size: int) -> gguf.GGUFReader:
     return gguf.GGUFReader(path)
 
 
-def metadata(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    """A metadata value as a Python scalar, string or list (`default` when absent)."""
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Every metadata field of a GGUF file as Python values, and its tensors' names under
+    "tensor_names". gguf's reader takes seconds to parse a 50k-token vocabulary, which the
+    tokenizer and chat template of every run need: what it read is kept as JSON in the user cache
+    (assets.cache_dir("gguf")), keyed by the file's path, size and modification time."""
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable GGUF file ({e})") from None
+    return _read_metadata(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_metadata(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    key = hashlib.sha256(f"{path}|{mtime_ns}|{size}|{_FORMAT}".encode()).hexdigest()[:24]
+    cached = assets.cache_dir("gguf") / f"{Path(path).stem}-{key}.json"
+    try:
+        return json.loads(cached.read_text())
+    except (OSError, ValueError):
+        pass
+    reader = open_reader(path)
+    fields = {name: field.contents() for name, field in reader.fields.items()
+              if not name.startswith("GGUF.")}
+    fields["tensor_names"] = [tensor.name for tensor in reader.tensors]
+    try:  # a cache it cannot write costs the next run time, not this one its result
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(fields))
+        partial.replace(cached)
+    except OSError:
+        pass
+    return fields
 
 
 def undo_rotary_permutation(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -77,36 +112,36 @@ def _hf_name(gguf_name: str) -> str | None:
 def read_gguf_config(path: str | Path) -> dict:
     """The Hugging Face style config dict of a GGUF file, from its metadata alone."""
     path = Path(path)
-    reader = open_reader(path)
-    arch = metadata(reader, "general.architecture")
+    metadata = read_metadata(path)
+    arch = metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(
                 f"{path}: unsupported GGUF architecture {arch!r} "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    tensor_names = {tensor.name for tensor in reader.tensors}
+    tensor_names = set(metadata["tensor_names"])
     if "rope_freqs.weight" in tensor_names:
         raise CheckpointError(
                 f"{path}: tensor 'rope_freqs.weight' (per-frequency RoPE factors) is not supported")
-    scaling = metadata(reader, f"{arch}.rope.scaling.type", "none")
+    scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none":
         raise CheckpointError(f"{path}: unsupported RoPE scaling {scaling!r}")
 
     def required(key: str) -> Any:
-        value = metadata(reader, f"{arch}.{key}")
+        value = metadata.get(f"{arch}.{key}")
         if value is None:
             raise CheckpointError(f"{path}: metadata '{arch}.{key}' is missing")
         return value
 
     hidden_size = required("embedding_length")
     num_heads = required("attention.head_count")
-    num_kv_heads = metadata(reader, f"{arch}.attention.head_count_kv", num_heads)
-    head_dim = metadata(reader, f"{arch}.attention.key_length", hidden_size // num_heads)
-    rotary_dim = metadata(reader, f"{arch}.rope.dimension_count", head_dim)
+    num_kv_heads = metadata.get(f"{arch}.attention.head_count_kv", num_heads)
+    head_dim = metadata.get(f"{arch}.attention.key_length", hidden_size // num_heads)
+    rotary_dim = metadata.get(f"{arch}.rope.dimension_count", head_dim)
     if rotary_dim != head_dim:
         raise CheckpointError(
                 f"{path}: partial rotary embedding ({rotary_dim} of {head_dim} dims) is not supported")
-    tokens = metadata(reader, "tokenizer.ggml.tokens")
-    vocab_size = metadata(reader, f"{arch}.vocab_size") or (len(tokens) if tokens else None)
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    vocab_size = metadata.get(f"{arch}.vocab_size") or (len(tokens) if tokens else None)
     if vocab_size is None:
         raise CheckpointError(
                 f"{path}: neither '{arch}.vocab_size' nor 'tokenizer.ggml.tokens' gives the vocabulary size")
@@ -119,14 +154,14 @@ def read_gguf_config(path: str | Path) -> dict:
             "num_attention_heads": num_heads,
             "num_key_value_heads": num_kv_heads,
             "head_dim": head_dim,
-            "rope_theta": metadata(reader, f"{arch}.rope.freq_base", 10000.0),
+            "rope_theta": metadata.get(f"{arch}.rope.freq_base", 10000.0),
             "rms_norm_eps": required("attention.layer_norm_rms_epsilon"),
-            "max_position_embeddings": metadata(reader, f"{arch}.context_length"),
+            "max_position_embeddings": metadata.get(f"{arch}.context_length"),
             "tie_word_embeddings": "output.weight" not in tensor_names,
             "attention_bias": arch == "llama" and "blk.0.attn_q.bias" in tensor_names,
-            "bos_token_id": metadata(reader, "tokenizer.ggml.bos_token_id"),
-            "eos_token_id": metadata(reader, "tokenizer.ggml.eos_token_id"),
-            "pad_token_id": metadata(reader, "tokenizer.ggml.padding_token_id"),
+            "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
+            "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
     }
     return hf_config
 

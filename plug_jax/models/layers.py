@@ -162,8 +162,9 @@ def _abstract_boxed_params(module: nn.Module, *inputs):
 
 
 def init_params(module: nn.Module, rng: jax.Array, *inputs) -> dict:
-    """Random parameters, unboxed."""
-    return unboxed(module.init(rng, *inputs)["params"])
+    """Random parameters, unboxed: one compiled program (eager, every initializer would compile
+    and dispatch on its own)."""
+    return jax.jit(lambda rng, *x: unboxed(module.init(rng, *x)["params"]))(rng, *inputs)
 
 
 def abstract_params(module: nn.Module, *inputs) -> dict:

@@ -86,20 +86,20 @@ class Tokenizer:
         """The byte-level BPE tokenizer stored in a GGUF file (tokenizer.ggml.model == "gpt2")."""
         from plug_jax.models import gguf  # only GGUF users need the gguf package
 
-        reader = gguf.open_reader(path)
-        kind = gguf.metadata(reader, "tokenizer.ggml.model")
+        metadata = gguf.read_metadata(path)
+        kind = metadata.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise CheckpointError(
                     f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
-        tokens = gguf.metadata(reader, "tokenizer.ggml.tokens")
-        merges = gguf.metadata(reader, "tokenizer.ggml.merges")
-        token_types = gguf.metadata(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        merges = metadata.get("tokenizer.ggml.merges")
+        token_types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
 
         bpe = models.BPE(vocab={token: i for i, token in enumerate(tokens)},
                          merges=[tuple(merge.split(" ", 1)) for merge in merges], fuse_unk=False)
         tokenizer = tokenizers.Tokenizer(bpe)
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if gguf.metadata(reader, "tokenizer.ggml.pre") in _DIGIT_SPLITTING_PRE:
+        if metadata.get("tokenizer.ggml.pre") in _DIGIT_SPLITTING_PRE:
             tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
                     [pre_tokenizers.Digits(individual_digits=True), byte_level])
         else:
@@ -111,11 +111,11 @@ class Tokenizer:
         tokenizer.add_tokens([tokenizers.AddedToken(token, normalized=False)
                               for token, token_type in typed if token_type == _USER_DEFINED])
 
-        bos_id = gguf.metadata(reader, "tokenizer.ggml.bos_token_id")
-        eos_id = gguf.metadata(reader, "tokenizer.ggml.eos_token_id")
-        if gguf.metadata(reader, "tokenizer.ggml.add_bos_token", False) and bos_id is not None:
+        bos_id = metadata.get("tokenizer.ggml.bos_token_id")
+        eos_id = metadata.get("tokenizer.ggml.eos_token_id")
+        if metadata.get("tokenizer.ggml.add_bos_token", False) and bos_id is not None:
             bos = tokens[bos_id]
             tokenizer.post_processor = processors.TemplateProcessing(
                     single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
-        pad_id = gguf.metadata(reader, "tokenizer.ggml.padding_token_id", eos_id)
+        pad_id = metadata.get("tokenizer.ggml.padding_token_id", eos_id)
         return cls(tokenizer, pad_id=pad_id, eos_id=eos_id, bos_id=bos_id)
