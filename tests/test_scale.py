@@ -44,6 +44,10 @@ LOSS_RTOL = 1e-5
 # sharded over both processes.
 TWO_PROCESS_EVAL = ("--config.data.eval_splits=('dev',)", "--config.data.max_eval_examples=8")
 
+
+def _evaluates(mesh: dict) -> bool:
+    return mesh["data"] > 1
+
 MESH_SCRIPT = """
 import copy, json, sys
 import jax
@@ -172,7 +176,7 @@ def runs(tmp_path_factory, env):
                                           for axis, size in mesh.items()),
                                f"--coordinator_address=localhost:{port}", "--num_processes=2",
                                f"--process_id={index}",
-                               *(TWO_PROCESS_EVAL if mesh["data"] > 1 else ())),
+                               *(TWO_PROCESS_EVAL if _evaluates(mesh) else ())),
                    env, root / f"{workdir.name}_process{index}.log", devices=4,
                    background=True)
             for index in range(2)]
@@ -338,7 +342,7 @@ def test_two_processes_give_the_losses_of_one(runs, reference, name):
     # Both processes took part in the export, which gathers the plug sharded over them.
     plug_config, _ = export.load_plug(workdir / "plug")
     assert plug_config["step"] == STEPS
-    if TWO_PROCESS_MESHES[name]["data"] > 1:  # ... and in the evaluation; process 0 reported it
+    if _evaluates(TWO_PROCESS_MESHES[name]):  # ... and in the evaluation; process 0 reported it
         assert "pplug             dev" in outputs[0] and "pplug             dev" not in outputs[1]
         metrics = json.loads((workdir / "metrics.json").read_text())
         assert set(metrics["pplug"]["dev"]) == {"mae", "rmse"}

@@ -41,17 +41,23 @@ _TENSOR_NAMES = (
 def open_reader(path: str | Path) -> gguf.GGUFReader:
     """A (memory-mapped) reader, for the tensors; cached, as parsing the metadata of a 50k-token
     vocabulary takes seconds."""
-    path = Path(path).resolve()
     try:
-        stat = path.stat()
-        return _open_reader(str(path), stat.st_mtime_ns, stat.st_size)
+        return _open_reader(*_file_key(path))
     except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: unreadable GGUF file ({e})") from None
+        raise CheckpointError(f"{Path(path).resolve()}: unreadable GGUF file ({e})") from None
+
+
+def _file_key(path: str | Path) -> tuple[str, int, int]:
+    """(resolved path, mtime in ns, size): what the caches below are keyed by, so that a
+    rewritten file is read again."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return str(path), stat.st_mtime_ns, stat.st_size
 
 
 @functools.lru_cache(maxsize=4)
 def _open_reader(path: str, mtime_ns: int, size: int) -> gguf.GGUFReader:
-    del mtime_ns, size  # cache keys only: a rewritten file is read again
+    del mtime_ns, size  # cache keys only
     return gguf.GGUFReader(path)
 
 
@@ -60,12 +66,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     "tensor_names". gguf's reader takes seconds to parse a 50k-token vocabulary, which the
     tokenizer and chat template of every run need: what it read is kept as JSON in the user cache
     (assets.cache_dir("gguf")), keyed by the file's path, size and modification time."""
-    path = Path(path).resolve()
     try:
-        stat = path.stat()
+        key = _file_key(path)
     except OSError as e:
-        raise CheckpointError(f"{path}: unreadable GGUF file ({e})") from None
-    return _read_metadata(str(path), stat.st_mtime_ns, stat.st_size)
+        raise CheckpointError(f"{Path(path).resolve()}: unreadable GGUF file ({e})") from None
+    return _read_metadata(*key)
 
 
 @functools.lru_cache(maxsize=4)
