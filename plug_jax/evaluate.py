@@ -35,8 +35,12 @@ BASELINES = (ZERO_SHOT,) + baselines_lib.METHODS
 def _soft_tokens(experiment, plug_params, batch):
     if plug_params is None:
         return None
-    return experiment.embedder.apply({"params": plug_params}, batch["query_tokens"],
-                                     batch["query_mask"], batch["history"], batch["history_mask"])
+    return _apply_embedder(experiment.embedder, plug_params, batch)
+
+
+def _apply_embedder(embedder, plug_params, batch, **kwargs):
+    return embedder.apply({"params": plug_params}, batch["query_tokens"], batch["query_mask"],
+                          batch["history"], batch["history_mask"], **kwargs)
 
 
 def _generate(llm_params, plug_params, batch, *, experiment, decode_config):
@@ -54,11 +58,13 @@ def _label_nll(llm_params, plug_params, batch, labels, label_mask, *, experiment
 
 
 def _replicated_outputs(experiment) -> dict:
-    """jit options that replicate outputs over the experiment's mesh, so that every process can
-    read them whole (multi-host runs)."""
-    if experiment.mesh is None:
-        return {}
-    return {"out_shardings": sharding.replicated(experiment.mesh)}
+    return _replicated_over(experiment.mesh)
+
+
+def _replicated_over(mesh) -> dict:
+    """jit options that replicate outputs over the mesh, so that every process can read them
+    whole (multi-host runs)."""
+    return {} if mesh is None else {"out_shardings": sharding.replicated(mesh)}
 
 
 def make_generate_fn(experiment):
@@ -158,27 +164,38 @@ def answer(experiment, plug_params, examples: Sequence[lamp.Example], *, desc: s
 
 def target_nll(experiment, plug_params, examples: Sequence[lamp.Example]) -> float:
     """Mean negative log-likelihood per gold target token (a dev loss), personalized or not."""
-
-    @functools.partial(jax.jit, **_replicated_outputs(experiment))
-    def nll(params, batch):
-        masked = {**batch, "target_mask": batch["target_mask"] & batch["example_mask"][:, None]}
-        return experiment.llm.loss(experiment.llm_params,
-                                   _soft_tokens(experiment, params, batch), masked)
-
+    nll = _target_nll_fn(experiment.llm, experiment.embedder, experiment.mesh)
     total, count = 0.0, 0.0
     for batch in eval_batches(experiment, examples, with_targets=True):
-        loss_sum, tokens = nll(plug_params, batch)
+        loss_sum, tokens = nll(experiment.llm_params, plug_params, batch)
         total, count = total + float(loss_sum), count + float(tokens)
     return total / max(count, 1.0)
+
+
+# One program per LLM, plug and mesh, whoever asks (the LLM's weights are arguments: closed over,
+# they would be constants that XLA folds, doubling the compile).
+@functools.lru_cache(maxsize=8)
+def _target_nll_fn(llm, embedder, mesh):
+    def nll(llm_params, params, batch):
+        masked = {**batch, "target_mask": batch["target_mask"] & batch["example_mask"][:, None]}
+        soft = None if params is None else _apply_embedder(embedder, params, batch)
+        return llm.loss(llm_params, soft, masked)
+
+    return jax.jit(nll, **_replicated_over(mesh))
+
+
+@functools.lru_cache(maxsize=8)
+def _attention_weights_fn(embedder, mesh):
+    return jax.jit(lambda params, batch: _apply_embedder(embedder, params, batch,
+                                                         return_weights=True)[1],
+                   **_replicated_over(mesh))
 
 
 def attention_weights(experiment, plug_params, examples: Sequence[lamp.Example], *,
                       llm_length: int | None = None) -> list[np.ndarray]:
     """Per example, the aggregator's weights over its most recent max_history items (oldest
     first; as many as the example has)."""
-    weights_fn = jax.jit(lambda params, batch: experiment.embedder.apply(
-        {"params": params}, batch["query_tokens"], batch["query_mask"], batch["history"],
-        batch["history_mask"], return_weights=True)[1], **_replicated_outputs(experiment))
+    weights_fn = _attention_weights_fn(experiment.embedder, experiment.mesh)
     per_example = []
     for batch in eval_batches(experiment, examples, llm_length=llm_length):
         weights = np.asarray(weights_fn(plug_params, batch))

@@ -190,7 +190,7 @@ def test_training_runs_on_each_family(checkpoint, tmp_path):
     config.optim.max_steps = 2
     config.data.max_eval_examples = 2
     config.data.eval_splits = ("dev",)
-    result = train.run(config, tmp_path)
+    result = train.run(config, tmp_path, baselines=())
     lm = result.experiment.llm
     assert lm.eos_id == lm.tokenizer.token_to_id(FAMILIES[family]["end_of_turn"])
     assert len(result.losses) == 2 and np.all(np.isfinite(result.losses)), result.losses

@@ -21,17 +21,22 @@ def _arrays(features):
     return {name: jnp.asarray(value) for name, value in features.items()}
 
 
+def _jit_apply(lm):
+    """The LLM module's apply as one program (eager, each op would compile on its own)."""
+    return jax.jit(lm.module.apply, static_argnames=("insert_at",))
+
+
 def test_decoder_only_loss_covers_exactly_the_answer_tokens():
     lm, params = llm_lib.load_llm("tiny-llama")
     features = lm.featurize(["What is 2+2?", "Say hi"], ["4", "hi there"], max_input_tokens=32,
                             max_target_tokens=4, length=48)
     batch = _arrays(features)
     soft = jax.random.normal(jax.random.key(1), (2, 2, lm.width)) * 0.2
-    loss_sum, count = lm.loss(params, soft, batch)
+    loss_sum, count = jax.jit(lm.loss)(params, soft, batch)
 
     # By hand: full logits, soft slots removed, next-token NLL at the answer's positions.
-    logits, _ = lm.module.apply({"params": params}, batch["tokens"], batch["mask"],
-                                embedded_prefix=soft, insert_at=lm.insert_at)
+    logits, _ = _jit_apply(lm)({"params": params}, batch["tokens"], batch["mask"],
+                               embedded_prefix=soft, insert_at=lm.insert_at)
     logits = np.concatenate([logits[:, :lm.insert_at], logits[:, lm.insert_at + 2:]], axis=1)
     logprobs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     expected, tokens_counted = 0.0, 0
@@ -65,18 +70,18 @@ def test_the_shared_header_runs_once_with_the_loss_gradient_and_prefill_of_the_f
     def loss(soft):
         return lm.loss(params, soft, batch)[0]
 
-    np.testing.assert_allclose(loss(soft), full_forward_loss(soft), rtol=1e-5)
-    np.testing.assert_allclose(jax.grad(loss)(soft), jax.grad(full_forward_loss)(soft),
-                               rtol=1e-4, atol=1e-6)
-    flops = {name: jax.jit(jax.grad(fn)).lower(soft).compile().cost_analysis()["flops"]
+    np.testing.assert_allclose(jax.jit(loss)(soft), jax.jit(full_forward_loss)(soft), rtol=1e-5)
+    grads = {name: jax.jit(jax.grad(fn)).lower(soft).compile()
              for name, fn in (("shared", loss), ("full", full_forward_loss))}
-    assert flops["shared"] < flops["full"]
+    np.testing.assert_allclose(grads["shared"](soft), grads["full"](soft), rtol=1e-4, atol=1e-6)
+    assert grads["shared"].cost_analysis()["flops"] < grads["full"].cost_analysis()["flops"]
 
     prompts = _arrays(lm.featurize(["What is 2+2?", "Say hi", "Hello"], None, max_input_tokens=32,
                                    max_target_tokens=4, length=40))
-    logits, cache = lm.prefill(params, soft, prompts, max_new_tokens=3)
-    full, _ = lm.module.apply({"params": params}, prompts["tokens"], prompts["mask"],
-                              embedded_prefix=soft, insert_at=lm.insert_at)
+    logits, cache = jax.jit(lm.prefill, static_argnames="max_new_tokens")(params, soft, prompts,
+                                                                          max_new_tokens=3)
+    full, _ = _jit_apply(lm)({"params": params}, prompts["tokens"], prompts["mask"],
+                             embedded_prefix=soft, insert_at=lm.insert_at)
     last = prompts["mask"].sum(axis=1) - 1 + 2
     np.testing.assert_allclose(logits, full[np.arange(3), last], rtol=1e-4, atol=1e-5)
     assert cache["key_mask"].shape == (3, 40 + 2 + 3)
@@ -112,7 +117,7 @@ def test_label_scoring_equals_the_loss_of_each_label_as_the_answer(name):
     for column, label in enumerate(labels):
         answers = _arrays(lm.featurize(inputs, [label] * 2, max_input_tokens=64,
                                        max_target_tokens=8, length=112))
-        nll, _ = lm.example_nll(params, soft, answers)
+        nll, _ = jax.jit(lm.example_nll)(params, soft, answers)
         np.testing.assert_allclose(scored[:, column], np.asarray(nll), rtol=2e-4)
 
 

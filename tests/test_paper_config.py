@@ -123,10 +123,10 @@ def _embedder(**fields):
 def test_reference_soft_token_scale_multiplies_by_constants():
     inputs = _inputs()
     reference = _embedder(soft_token_scale="reference", soft_token_norm=539.9738)
-    params = nn.unbox(reference.init(jax.random.key(0), *inputs))
+    params = nn.unbox(jax.jit(reference.init)(jax.random.key(0), *inputs))
     unscaled = _embedder(soft_token_scale="reference", soft_token_norm=1.0)
-    soft = reference.apply(params, *inputs)
-    raw = unscaled.apply(params, *inputs)
+    soft = jax.jit(reference.apply)(params, *inputs)
+    raw = jax.jit(unscaled.apply)(params, *inputs)
     np.testing.assert_allclose(soft, raw * 539.9738, rtol=1e-5)
     instruction = plug.ProjectorMLP(16, 24).apply(
         {"params": params["params"]["instruction_projector"]}, params["params"]["instruction"])
@@ -136,12 +136,12 @@ def test_reference_soft_token_scale_multiplies_by_constants():
     doubled = jax.tree.map(lambda x: x, params)
     fc2 = doubled["params"]["persona_projector"]["fc2"]
     fc2["kernel"], fc2["bias"] = fc2["kernel"] * 2, fc2["bias"] * 2
-    assert rms(reference.apply(doubled, *inputs)[:, 1]) == pytest.approx(2 * rms(soft[:, 1]),
-                                                                          rel=1e-5)
-    grads = jax.grad(lambda p: jnp.sum(reference.apply(p, *inputs) ** 2))(params)
+    doubled_soft = jax.jit(reference.apply)(doubled, *inputs)
+    assert rms(doubled_soft[:, 1]) == pytest.approx(2 * rms(soft[:, 1]), rel=1e-5)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(reference.apply(p, *inputs) ** 2)))(params)
     assert float(optax.tree.norm(grads["params"]["persona_projector"])) > 0
     # The rms scale pins every token's RMS instead.
-    ours = _embedder().apply(params, *inputs)
+    ours = jax.jit(_embedder().apply)(params, *inputs)
     np.testing.assert_allclose(jnp.sqrt(jnp.mean(ours ** 2, axis=-1)), 0.7, rtol=1e-4)
 
 
@@ -157,7 +157,8 @@ def test_reference_norm_comes_from_the_llm_unless_pinned():
 
 
 def test_torch_init_matches_the_reference_inits():
-    params = nn.unbox(_embedder(param_init="torch").init(jax.random.key(0), *_inputs()))["params"]
+    init = jax.jit(_embedder(param_init="torch").init)
+    params = nn.unbox(init(jax.random.key(0), *_inputs()))["params"]
     instruction = np.asarray(params["instruction"])
     assert instruction.min() >= 0.0 and instruction.max() < 1.0  # torch.rand
     kernel = np.asarray(params["persona_projector"]["fc1"]["kernel"])

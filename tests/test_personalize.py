@@ -142,14 +142,10 @@ def test_another_encoder_is_refused(plug_path, tmp_path):
 # ----------------------------------------------------------------------- any runtime: transformers
 
 def test_emitted_embeddings_decode_alike_in_transformers(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from plug_jax.models import assets
+    import torch
 
-    try:
-        gguf = assets.smollm2_gguf()
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
+    from plug_jax import torch_peer
+
     # The real SmolLM2 with a random plug: interop needs no training.
     config = lamp3.get_config("tiny")
     config.llm.path = "smollm2"
@@ -165,9 +161,10 @@ def test_emitted_embeddings_decode_alike_in_transformers(tmp_path):
     ours = personalizer.greedy_tokens(examples, new_tokens)
     embeds, mask = personalizer.input_embeddings(examples)
 
-    model = transformers.LlamaForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-        attn_implementation="eager").eval()
+    # SmolLM2's weights as transformers reads them from the GGUF file equal ours
+    # (tests/test_llama.py): the same weights in a transformers Llama, without reading it again.
+    exp = personalizer.experiment
+    model = torch_peer.hf_llama(exp.llm.module.config, exp.llm_params)
     with torch.no_grad():
         generated = model.generate(inputs_embeds=torch.from_numpy(embeds),
                                    attention_mask=torch.from_numpy(mask), do_sample=False,

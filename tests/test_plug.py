@@ -19,6 +19,11 @@ def _embedder(**overrides):
     return plug.UserEmbedder(**{**fields, **overrides})
 
 
+def _jit(method):
+    """A module's init or apply as one program: eager, each of its ops compiles on its own."""
+    return jax.jit(method, static_argnames=("return_weights", "deterministic"))
+
+
 def _inputs(batch=3, history=5, seed=0):
     rng = np.random.default_rng(seed)
     tokens = jnp.asarray(rng.integers(1, 64, (batch, 6)), jnp.int32)
@@ -41,8 +46,9 @@ def test_aggregation_weights_are_a_masked_softmax_of_cosines():
 def test_empty_history_gives_zero_persona_and_finite_gradients():
     module = _embedder()
     tokens, mask, vectors, history_mask = _inputs()
-    params = module.init(jax.random.key(0), tokens, mask, vectors, history_mask)
-    soft, weights = module.apply(params, tokens, mask, vectors, history_mask, return_weights=True)
+    params = _jit(module.init)(jax.random.key(0), tokens, mask, vectors, history_mask)
+    soft, weights = _jit(module.apply)(params, tokens, mask, vectors, history_mask,
+                                       return_weights=True)
     assert soft.shape == (3, plug.NUM_SOFT_TOKENS, 24)
     assert np.all(np.isfinite(soft))
     np.testing.assert_array_equal(weights[2], 0.0)      # user 2 has no history
@@ -54,7 +60,7 @@ def test_empty_history_gives_zero_persona_and_finite_gradients():
     np.testing.assert_allclose(rms[:2, 1], 0.7, rtol=1e-4)
 
     def loss(p):
-        return jnp.sum(module.apply(p, tokens, mask, vectors, history_mask) ** 2)
+        return jnp.sum(_jit(module.apply)(p, tokens, mask, vectors, history_mask) ** 2)
 
     grads = jax.grad(loss)(params)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
@@ -63,10 +69,10 @@ def test_empty_history_gives_zero_persona_and_finite_gradients():
 def test_persona_depends_on_history_and_query():
     module = _embedder()
     tokens, mask, vectors, history_mask = _inputs()
-    params = module.init(jax.random.key(0), tokens, mask, vectors, history_mask)
-    soft = module.apply(params, tokens, mask, vectors, history_mask)
-    other_history = module.apply(params, tokens, mask, vectors[::-1], history_mask)
-    other_query = module.apply(params, tokens[:, ::-1], mask, vectors, history_mask)
+    params = _jit(module.init)(jax.random.key(0), tokens, mask, vectors, history_mask)
+    soft = _jit(module.apply)(params, tokens, mask, vectors, history_mask)
+    other_history = _jit(module.apply)(params, tokens, mask, vectors[::-1], history_mask)
+    other_query = _jit(module.apply)(params, tokens[:, ::-1], mask, vectors, history_mask)
     assert not np.allclose(soft[0, 1], other_history[0, 1])
     assert not np.allclose(soft[0, 1], other_query[0, 1])   # input-aware: the query reweighs
     np.testing.assert_allclose(soft[:, 0], other_history[:, 0])  # instruction: the same for all
@@ -75,12 +81,12 @@ def test_persona_depends_on_history_and_query():
 def test_dropout_reaches_the_query_encoder_in_train_mode_only():
     module = _embedder(dropout_rate=0.1)
     tokens, mask, vectors, history_mask = _inputs()
-    params = module.init(jax.random.key(0), tokens, mask, vectors, history_mask)
-    soft = module.apply(params, tokens, mask, vectors, history_mask)
+    params = _jit(module.init)(jax.random.key(0), tokens, mask, vectors, history_mask)
+    soft = _jit(module.apply)(params, tokens, mask, vectors, history_mask)
     np.testing.assert_array_equal(
-        _embedder().apply(params, tokens, mask, vectors, history_mask), soft)
-    trained = module.apply(params, tokens, mask, vectors, history_mask, deterministic=False,
-                           rngs={"dropout": jax.random.key(1)})
+        _jit(_embedder().apply)(params, tokens, mask, vectors, history_mask), soft)
+    trained = _jit(module.apply)(params, tokens, mask, vectors, history_mask,
+                                 deterministic=False, rngs={"dropout": jax.random.key(1)})
     assert not np.allclose(trained[:2, 1], soft[:2, 1])  # the query reweighs the history
     np.testing.assert_array_equal(trained[:, 0], soft[:, 0])  # the projectors have no dropout
 
@@ -88,8 +94,9 @@ def test_dropout_reaches_the_query_encoder_in_train_mode_only():
 def test_frozen_query_encoder_gets_no_gradient():
     module = _embedder(train_query_encoder=False)
     tokens, mask, vectors, history_mask = _inputs()
-    params = module.init(jax.random.key(0), tokens, mask, vectors, history_mask)
-    grads = jax.grad(lambda p: jnp.sum(module.apply(p, tokens, mask, vectors, history_mask)))(params)
+    params = _jit(module.init)(jax.random.key(0), tokens, mask, vectors, history_mask)
+    apply = _jit(module.apply)
+    grads = jax.grad(lambda p: jnp.sum(apply(p, tokens, mask, vectors, history_mask)))(params)
     encoder_grads = jax.tree.leaves(grads["params"]["query_encoder"])
     assert all(np.all(g == 0) for g in encoder_grads)
     assert any(np.any(g != 0) for g in jax.tree.leaves(grads["params"]["persona_projector"]))

@@ -1,6 +1,6 @@
-"""Scale-out on CPU: the tiny run on 1 device, on 8 simulated devices under a 2x2x2 mesh (data,
-fsdp and tensor parallelism at once), and on two processes of 4 devices each (the data axis, or
-the tensor axis, across them) gives the same losses, with parameters really sharded; a run killed
+"""Scale-out on CPU: the tiny run on 1 device and on two processes of 4 devices each (an 8-device
+mesh: 2x2x2, data, fsdp and tensor parallelism at once with the data axis across the processes;
+or tensor 8 across them) gives the same losses, with parameters really sharded; a run killed
 mid-way resumes from its last checkpoint to the plug of an uninterrupted run; SIGTERM saves the
 step it stopped at and exits 0.
 
@@ -34,9 +34,6 @@ STEPS = 6
 FLAGS = ["--config=configs/lamp3.py:tiny", "--config.optim.batch_size=8",
          f"--config.optim.max_steps={STEPS}", "--config.data.eval_splits=()",
          "--config.log_every=1", "--config.checkpoint.save_every=2"]
-# Each axis of size 2, so that every parameter's split over each axis shows. (Pure data, fsdp or
-# tensor parallelism are these axes' sizes set to 1 but one: the two-process runs take tensor 8.)
-MESHES = {"2x2x2": {"data": 2, "fsdp": 2, "tensor": 2}}
 # Max relative difference of a step's loss from the 1-device run's: measured up to ~1e-7
 # (float32 sums in another order), allowed with a wide margin.
 LOSS_RTOL = 1e-5
@@ -48,10 +45,11 @@ TWO_PROCESS_EVAL = ("--config.data.eval_splits=('dev',)", "--config.data.max_eva
 def _evaluates(mesh: dict) -> bool:
     return mesh["data"] > 1
 
-MESH_SCRIPT = """
-import copy, json, sys
+# The training command, which then describes some of the arrays it trained with: their global
+# shardings, whichever process holds which shard.
+DESCRIBING_TRAIN = """
+import json, sys
 import jax
-from absl import flags
 from plug_jax import cli, train
 
 def leaf(tree, suffix):
@@ -60,25 +58,21 @@ def leaf(tree, suffix):
 
 def describe(x):
     return {"spec": list(x.sharding.spec), "shape": list(x.shape),
-            "shards": len({str(shard.index) for shard in x.addressable_shards}),
-            "shard_shape": list(x.addressable_shards[0].data.shape)}
+            "shards": len({str(index) for index in x.sharding.devices_indices_map(x.shape).values()}),
+            "shard_shape": list(x.sharding.shard_shape(x.shape))}
 
-flags.FLAGS(sys.argv[:1] + sys.argv[3:])
-meshes, out = json.loads(sys.argv[1]), {}
-for name, mesh in meshes.items():
-    config = copy.deepcopy(cli.CONFIG.value)
-    config.mesh = mesh
-    result = train.run(config, f"{sys.argv[2]}/{name.replace(' ', '_')}")
+def main(argv):
+    result = train.run(cli.CONFIG.value, cli.WORKDIR.value)
     llm, state = result.experiment.llm_params, result.state
     kernel = "['persona_projector']['fc2']['kernel']"
     arrays = {"llm embedding": leaf(llm, "['embed_tokens']['embedding']"),
               "llm mlp kernel": leaf(llm, "['layers_0']['mlp']['gate_proj']['kernel']"),
               "plug projector kernel": leaf(state["params"], kernel),
               "its adam moment": leaf(state["opt"], ".mu" + kernel)}
-    out[name] = {"losses": result.losses,
-                 "arrays": {key: describe(x) for key, x in arrays.items()}}
-with open(f"{sys.argv[2]}/meshes.json", "w") as file:
-    json.dump(out, file)
+    with open(f"{cli.WORKDIR.value}/arrays_process{jax.process_index()}.json", "w") as file:
+        json.dump({key: describe(x) for key, x in arrays.items()}, file)
+
+cli.run(main, "config", "workdir", distributed=True)
 """
 
 # The training CLI, signalling itself at one step's checkpoint save, a deterministic point mid-way
@@ -134,8 +128,9 @@ def _finish(process: subprocess.Popen, timeout: float = 1200) -> str:
     return output
 
 
-def _train_args(workdir: Path, *extra: str) -> list[str]:
-    return ["-m", "plug_jax.train", *FLAGS, f"--workdir={workdir}", *extra]
+def _train_args(workdir: Path, *extra: str, program: tuple = ("-m", "plug_jax.train")
+                ) -> list[str]:
+    return [*program, *FLAGS, f"--workdir={workdir}", *extra]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -147,9 +142,11 @@ def _free_ports(count: int) -> list[int]:
     return sorted(ports)
 
 
-# Across the two processes: the data axis (each process holds half of every batch); the tensor
-# axis (each holds every row of the batch: its data are replicated over the processes).
-TWO_PROCESS_MESHES = {"2x2x2": MESHES["2x2x2"], "tensor 8": {"data": 1, "fsdp": 1, "tensor": 8}}
+# Across the two processes: the data axis (each process holds half of every batch), each axis of
+# size 2 so that every parameter's split over each axis shows; the tensor axis (each process holds
+# every row of the batch: its data are replicated over the processes).
+TWO_PROCESS_MESHES = {"2x2x2": {"data": 2, "fsdp": 2, "tensor": 2},
+                      "tensor 8": {"data": 1, "fsdp": 1, "tensor": 8}}
 
 
 def _two_process_workdir(root: Path, name: str) -> Path:
@@ -159,15 +156,12 @@ def _two_process_workdir(root: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, env):
     """The long runs, started at once (a two-process run leaves a core idle while one process
-    compiles) in the background: the 8-device mesh run and each two-process
-    run; and the 1-device reference, which the 1-device tests need first. Each test waits for the
-    runs it checks."""
+    compiles): each two-process run, in the background, describing its arrays; and the 1-device
+    reference, which the 1-device tests need first. Each test waits for the runs it checks."""
     root = tmp_path_factory.mktemp("runs")
-    script = root / "meshes.py"
-    script.write_text(textwrap.dedent(MESH_SCRIPT))
-    (root / "meshes").mkdir()
-    started = {"meshes": [_start([str(script), json.dumps(MESHES), str(root / "meshes"), *FLAGS],
-                                 env, root / "meshes.log", devices=8, background=True)]}
+    script = root / "describing_train.py"
+    script.write_text(textwrap.dedent(DESCRIBING_TRAIN))
+    started = {}
     for (name, mesh), port in zip(TWO_PROCESS_MESHES.items(),
                                   _free_ports(len(TWO_PROCESS_MESHES))):
         workdir = _two_process_workdir(root, name)
@@ -176,7 +170,8 @@ def runs(tmp_path_factory, env):
                                           for axis, size in mesh.items()),
                                f"--coordinator_address=localhost:{port}", "--num_processes=2",
                                f"--process_id={index}",
-                               *(TWO_PROCESS_EVAL if _evaluates(mesh) else ())),
+                               *(TWO_PROCESS_EVAL if _evaluates(mesh) else ()),
+                               program=(str(script),)),
                    env, root / f"{workdir.name}_process{index}.log", devices=4,
                    background=True)
             for index in range(2)]
@@ -284,19 +279,11 @@ def test_sigterm_saves_the_step_it_stopped_at_and_exits_zero(reference, env, tmp
 
 
 @pytest.fixture(scope="module")
-def mesh_runs(runs) -> dict:
+def two_process_runs(runs) -> dict:
+    """{mesh name: (each process's output, workdir)}, once both processes exited 0."""
     root, started = runs
-    _finish(started["meshes"][0], timeout=1800)  # 8-device runs, niced behind the tests
-    return json.loads((root / "meshes" / "meshes.json").read_text())
-
-
-def test_meshes_of_8_devices_give_the_losses_of_1_device(reference, mesh_runs):
-    reference_losses = _losses(reference)
-    assert reference_losses[-1] < reference_losses[0]  # it trains
-    for name, run in mesh_runs.items():
-        difference = _max_relative_difference(run["losses"], reference_losses)
-        print(f"mesh {name}: max relative loss difference {difference:.2e}")
-        assert difference < LOSS_RTOL, (name, run["losses"], reference_losses)
+    return {name: ([_finish(process) for process in started[name]],
+                   _two_process_workdir(root, name)) for name in TWO_PROCESS_MESHES}
 
 
 # Logical axes (configs/common.py AXIS_RULES): vocab, mlp -> tensor; embed -> fsdp.
@@ -317,10 +304,14 @@ def _split_axes(spec: list, mesh: dict) -> list:
     return split
 
 
-@pytest.mark.parametrize("name", list(MESHES))
-def test_parameters_are_sharded_as_the_mesh_says(mesh_runs, name):
-    mesh = MESHES[name]
-    for key, array in mesh_runs[name]["arrays"].items():
+@pytest.mark.parametrize("name", list(TWO_PROCESS_MESHES))
+def test_parameters_are_sharded_as_the_mesh_says(two_process_runs, name):
+    mesh = TWO_PROCESS_MESHES[name]
+    _, workdir = two_process_runs[name]
+    described = [json.loads((workdir / f"arrays_process{index}.json").read_text())
+                 for index in range(2)]
+    assert described[0] == described[1]  # one global mesh, whichever process looks
+    for key, array in described[0].items():
         assert _split_axes(array["spec"], mesh) == _split_axes(EXPECTED_SPECS[key], mesh), \
             (key, array)
         splits = [mesh[axis] for axis in EXPECTED_SPECS[key]]
@@ -330,13 +321,13 @@ def test_parameters_are_sharded_as_the_mesh_says(mesh_runs, name):
 
 
 @pytest.mark.parametrize("name", list(TWO_PROCESS_MESHES))
-def test_two_processes_give_the_losses_of_one(runs, reference, name):
+def test_two_processes_give_the_losses_of_one(two_process_runs, reference, name):
     """Two processes of 4 devices each make one 8-device mesh."""
-    root, started = runs
-    outputs = [_finish(process) for process in started[name]]
+    outputs, workdir = two_process_runs[name]
     assert f"mesh {TWO_PROCESS_MESHES[name]} over 2 process(es)" in outputs[0]
-    workdir = _two_process_workdir(root, name)
-    difference = _max_relative_difference(_losses(workdir), _losses(reference))
+    reference_losses = _losses(reference)
+    assert reference_losses[-1] < reference_losses[0]  # it trains
+    difference = _max_relative_difference(_losses(workdir), reference_losses)
     print(f"2 processes x 4 devices, mesh {name}: max relative loss difference {difference:.2e}")
     assert difference < LOSS_RTOL
     # Both processes took part in the export, which gathers the plug sharded over them.

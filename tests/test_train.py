@@ -113,7 +113,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_run):
 def test_t5_family_trains_end_to_end(tmp_path):
     config = _tiny_config(llm__path="tiny-t5", optim__max_steps=8, optim__epochs=10.0,
                           optim__lr=1e-2)
-    result = train.run(config, tmp_path)
+    result = train.run(config, tmp_path, baselines=())
     assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
     assert result.compilations == 1
     assert set(result.metrics["pplug"]["dev"]) == {"mae", "rmse"}
@@ -135,7 +135,9 @@ def test_the_plug_learns_who_the_user_is(tmp_path):
     config.data.history_labels = True  # each history text starts with its tag
     config.data.synthetic.update(num_users=48, examples_per_user=4)
     config.optim.update(max_steps=100, epochs=30.0, batch_size=8, lr=3e-3)
-    result = train.run(config, tmp_path)
+    # Measured below, by likelihood: the run decodes one dev question, with no baseline.
+    config.data.update(eval_splits=("dev",), max_eval_examples=1)
+    result = train.run(config, tmp_path, baselines=())
     exp, params = result.experiment, result.state["params"]
 
     dev = exp.splits["dev"]
@@ -342,6 +344,21 @@ def test_evaluation_answers_each_split_once_per_method_and_compiles_once(tiny_ru
         answered = [i for is_zero_shot, rows in calls if is_zero_shot == zero_shot for i in rows]
         assert len(answered) == sizes  # every question of both splits once
     assert len(made) == 1 and made[0]._cache_size() == 2  # one shape: plug, and no plug
+
+
+def test_the_attention_entropy_of_another_split_compiles_nothing(tiny_run):
+    from plug_jax import evaluate
+
+    _, result = tiny_run
+    exp, params = result.experiment, result.state["params"]
+    length = evaluate.eval_length(exp, evaluate.evaluated_examples(exp, ("dev", "dev_new")))
+    weights_fn = evaluate._attention_weights_fn(exp.embedder, exp.mesh)
+    dev = evaluate.attention_entropy(exp, params, exp.splits["dev"], llm_length=length)
+    compiled = weights_fn._cache_size()
+    dev_new = evaluate.attention_entropy(exp, params, exp.splits["dev_new"], llm_length=length)
+    assert weights_fn._cache_size() == compiled
+    for entropy in (dev, dev_new):
+        assert 0 < entropy["entropy"] <= entropy["uniform_entropy"] + 1e-6, entropy
 
 
 # ---------------------------------------------------------------------------------------------
