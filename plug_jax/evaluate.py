@@ -57,10 +57,6 @@ def _label_nll(llm_params, plug_params, batch, labels, label_mask, *, experiment
                                     batch, labels, label_mask)
 
 
-def _replicated_outputs(experiment) -> dict:
-    return _replicated_over(experiment.mesh)
-
-
 def _replicated_over(mesh) -> dict:
     """jit options that replicate outputs over the mesh, so that every process can read them
     whole (multi-host runs)."""
@@ -70,12 +66,12 @@ def _replicated_over(mesh) -> dict:
 def make_generate_fn(experiment):
     return jax.jit(functools.partial(_generate, experiment=experiment,
                                      decode_config=experiment.config.decode),
-                   **_replicated_outputs(experiment))
+                   **_replicated_over(experiment.mesh))
 
 
 def make_label_nll_fn(experiment):
     return jax.jit(functools.partial(_label_nll, experiment=experiment),
-                   **_replicated_outputs(experiment))
+                   **_replicated_over(experiment.mesh))
 
 
 def eval_batches(experiment, examples: Sequence[lamp.Example], *, with_targets: bool = False,

@@ -45,10 +45,11 @@ TWO_PROCESS_EVAL = ("--config.data.eval_splits=('dev',)", "--config.data.max_eva
 def _evaluates(mesh: dict) -> bool:
     return mesh["data"] > 1
 
+
 # The training command, which then describes some of the arrays it trained with: their global
 # shardings, whichever process holds which shard.
 DESCRIBING_TRAIN = """
-import json, sys
+import json
 import jax
 from plug_jax import cli, train
 
@@ -57,8 +58,9 @@ def leaf(tree, suffix):
                 if jax.tree_util.keystr(path).endswith(suffix))
 
 def describe(x):
+    indices = x.sharding.devices_indices_map(x.shape).values()
     return {"spec": list(x.sharding.spec), "shape": list(x.shape),
-            "shards": len({str(index) for index in x.sharding.devices_indices_map(x.shape).values()}),
+            "shards": len({str(index) for index in indices}),
             "shard_shape": list(x.sharding.shard_shape(x.shape))}
 
 def main(argv):
