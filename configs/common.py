@@ -107,6 +107,8 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         param_init="default",      # 'default' | 'torch' (reference: nn.Linear kernels, torch.rand)
         dropout=0.0,               # the query encoder's, in the training loss (the projectors have none)
         persona_tokens=1,          # soft tokens the persona takes
+        attention_scale=1.0,       # the aggregator's softmax of cosines x this (reference: 1)
+        learn_attention_scale=False,  # train log(attention_scale)
     )
     config.optim = dict(
         lr=2e-3,                   # projectors + instruction vector

@@ -282,6 +282,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
                 train_query_encoder=config.plug.train_query_encoder,
                 persona_tokens=config.plug.persona_tokens if method.plug == "persona" else 0,
                 param_init=config.plug.param_init,
+                attention_scale=float(config.plug.get("attention_scale", 1.0)),
+                learn_attention_scale=bool(config.plug.get("learn_attention_scale", False)),
                 dropout_rate=float(config.plug.get("dropout", 0.0)))
         experiment = Experiment(
             config=config, task=task, splits=examples, llm=llm, llm_params=llm_params,

@@ -135,7 +135,8 @@ PLUG_DEFINING_FIELDS = (
     "data.task", "method", "llm.path", "llm.soft_token_position", "encoder.path",
     "encoder.pooling", "encoder.max_length", "encoder.query_instruction", "data.history_labels",
     "data.query_from", "data.lamp1_query", "plug.projector_hidden", "plug.train_query_encoder",
-    "plug.soft_token_scale", "plug.soft_token_norm", "plug.persona_tokens")
+    "plug.soft_token_scale", "plug.soft_token_norm", "plug.persona_tokens", "plug.attention_scale",
+    "plug.learn_attention_scale")
 
 
 def config_mismatch(plug_config: Mapping[str, Any], config: ml_collections.ConfigDict

@@ -2,7 +2,7 @@
 
 For one input x of user u with history h_1..h_n (oldest first):
   q      = E_query(instruction + query(x))            trainable sentence encoder, unit norm
-  w_i    = softmax_i(q . E_hist(h_i))                 over the most recent `max_history` items
+  w_i    = softmax_i(s * q . E_hist(h_i))             over the most recent `max_history` items
   P_u    = sum_i w_i * MLP_persona(E_hist(h_i))       persona embedding, LLM width
   I      = MLP_instruction(v)                         trained instruction vector, LLM width
 and [I, P_u] enter the LLM as soft tokens, scaled by `soft_token_scale`:
@@ -11,6 +11,10 @@ and [I, P_u] enter the LLM as soft tokens, scaled by `soft_token_scale`:
                magnitude stays learnable. The reference hard-codes N = 539.9738 for Flan-T5-XXL,
                about the mean L2 norm of its token embeddings (RMS ~8.44 x sqrt(4096)); we take N
                from the LLM's table (`embedding_norm`) unless the config pins it.
+s is `attention_scale`: 1 in the reference, whose weights are then near uniform (cosines lie in
+[-1, 1]); sentence encoders are trained with contrastive softmaxes of scale ~20 (MiniLM's
+MultipleNegativesRankingLoss), which lets the weights pick items. `learn_attention_scale` makes
+log s a trained parameter started there.
 With `persona_tokens` k > 1, MLP_persona's output is k tokens wide; a plug without persona tokens
 is the instruction token alone (the paper's ablation, `config.method` "instruction").
 E_hist is frozen and precomputed (plug_jax.embed); only this module's parameters train.
@@ -20,6 +24,7 @@ on in calls with deterministic=False and a 'dropout' rng: the training loss's.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -69,13 +74,15 @@ class ProjectorMLP(nn.Module):
                      **init(self.hidden))(x)
 
 
-def aggregation_weights(query: jax.Array, history: jax.Array, history_mask: jax.Array):
-    """Input-aware attention over history: [B,E], [B,H,E], [B,H] -> weights [B,H].
+def aggregation_weights(query: jax.Array, history: jax.Array, history_mask: jax.Array,
+                        scale: jax.Array | float = 1.0):
+    """Input-aware attention over history: [B,E], [B,H,E], [B,H] -> weights [B,H], a softmax of
+    `scale` times the cosines.
 
     A user with no history gets all-zero weights (hence a zero persona), not NaN.
     """
     history = history / jnp.maximum(jnp.linalg.norm(history, axis=-1, keepdims=True), 1e-12)
-    scores = jnp.einsum("be,bhe->bh", query, history)
+    scores = scale * jnp.einsum("be,bhe->bh", query, history)
     scores = jnp.where(history_mask, scores, -jnp.inf)
     any_history = history_mask.any(axis=-1, keepdims=True)
     weights = jax.nn.softmax(jnp.where(any_history, scores, 0.0), axis=-1)
@@ -103,6 +110,8 @@ class UserEmbedder(nn.Module):
     soft_token_norm: float = 0.0   # N of the "reference" scale
     param_init: str = "default"  # "torch": the reference's (nn.Linear kernels, torch.rand vector)
     dropout_rate: float = 0.0  # the query encoder's, with deterministic=False
+    attention_scale: float = 1.0  # s of the aggregator's softmax (the reference: 1)
+    learn_attention_scale: bool = False  # log s trains, from log(attention_scale)
 
     @property
     def num_soft_tokens(self) -> int:
@@ -113,7 +122,13 @@ class UserEmbedder(nn.Module):
             raise ValueError(f"soft_token_scale {self.soft_token_scale!r}, param_init "
                              f"{self.param_init!r}: expected one of {SOFT_TOKEN_SCALES}, {INITS}")
         hidden = self.projector_hidden or self.llm_width
+        if self.attention_scale <= 0:
+            raise ValueError(f"attention_scale {self.attention_scale}: expected > 0")
         if self.persona_tokens:
+            if self.learn_attention_scale:
+                self.attention_log_scale = self.param(
+                    "attention_log_scale", nn.with_logical_partitioning(
+                        nn.initializers.constant(math.log(self.attention_scale)), ()), ())
             self.query_encoder = bert.Bert(self.encoder_config, dtype=self.dtype,
                                            dropout_rate=self.dropout_rate)
             self.persona_projector = ProjectorMLP(hidden, self.llm_width * self.persona_tokens,
@@ -140,7 +155,9 @@ class UserEmbedder(nn.Module):
         weights = jnp.zeros(history_mask.shape, jnp.float32)
         if self.persona_tokens:
             query = self.encode_query(query_tokens, query_mask, deterministic)
-            weights = aggregation_weights(query, history.astype(jnp.float32), history_mask)
+            scale = (jnp.exp(self.attention_log_scale) if self.learn_attention_scale
+                     else self.attention_scale)
+            weights = aggregation_weights(query, history.astype(jnp.float32), history_mask, scale)
             persona = jnp.einsum("bh,bhd->bd", weights,
                                  self.persona_projector(history.astype(self.dtype)))
             persona = persona.reshape(batch, self.persona_tokens, self.llm_width)

@@ -109,6 +109,10 @@ class TorchPlug(nn.Module):
             self.query_encoder = hf_bert(embedder.encoder_config, params["query_encoder"])
             self.query_encoder.requires_grad_(embedder.train_query_encoder)
             self.persona_projector = _projector(params["persona_projector"])
+            self.attention_log_scale = nn.Parameter(torch.tensor(
+                float(params["attention_log_scale"]) if embedder.learn_attention_scale
+                else math.log(embedder.attention_scale)),
+                requires_grad=embedder.learn_attention_scale)
 
     def forward(self, query_tokens, query_mask, history, history_mask) -> torch.Tensor:
         embedder, batch = self.embedder, history.shape[0]
@@ -122,7 +126,7 @@ class TorchPlug(nn.Module):
                 weights = query_mask.float()[..., None]
                 query = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
             query = query * torch.rsqrt((query * query).sum(-1, keepdim=True).clamp_min(1e-24))
-            scores = torch.einsum("be,bhe->bh", query,
+            scores = self.attention_log_scale.exp() * torch.einsum("be,bhe->bh", query,
                                   nn.functional.normalize(history, dim=-1, eps=1e-12))
             scores = scores.masked_fill(~history_mask, -math.inf)
             any_history = history_mask.any(-1, keepdim=True)

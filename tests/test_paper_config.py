@@ -57,6 +57,9 @@ def _paper_values(task):
         "plug.projector_hidden": 0,
         "plug.param_init": "torch",
         "plug.train_query_encoder": True,
+        # aggr_id.py: softmax of the cosines as they are.
+        "plug.attention_scale": 1.0,
+        "plug.learn_attention_scale": False,
         # Trainer in train mode: T5 dropout_rate 0.1, bge hidden/attention dropout 0.1.
         "plug.dropout": 0.1,
         "llm.dropout": 0.1,

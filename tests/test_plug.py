@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +42,35 @@ def test_aggregation_weights_are_a_masked_softmax_of_cosines():
     # cosines: item 0 -> 0.6, item 1 -> 0.8, item 2 masked out.
     expected = np.exp([0.6, 0.8]) / np.exp([0.6, 0.8]).sum()
     np.testing.assert_allclose(weights[0], [expected[0], expected[1], 0.0], rtol=1e-6)
+
+
+def test_the_attention_scale_sharpens_the_softmax_and_can_train():
+    query = np.array([[0.6, 0.8]])
+    history = np.array([[[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]]])
+    weights = plug.aggregation_weights(jnp.asarray(query), jnp.asarray(history),
+                                       jnp.asarray([[True, True, False]]), scale=20.0)
+    expected = np.exp([12.0, 16.0]) / np.exp([12.0, 16.0]).sum()  # 20 x the cosines 0.6, 0.8
+    np.testing.assert_allclose(weights[0], [expected[0], expected[1], 0.0], rtol=1e-5)
+
+    tokens, mask, vectors, history_mask = _inputs()
+    fixed, learned = _embedder(attention_scale=20.0), _embedder(attention_scale=20.0,
+                                                                learn_attention_scale=True)
+    params = nn.unbox(_jit(learned.init)(jax.random.key(0), tokens, mask, vectors, history_mask))
+    assert float(params["params"]["attention_log_scale"]) == pytest.approx(np.log(20.0))
+    _, sharp = _jit(learned.apply)(params, tokens, mask, vectors, history_mask,
+                                   return_weights=True)
+    without_scale = {"params": {k: v for k, v in params["params"].items()
+                                if k != "attention_log_scale"}}
+    _, same = _jit(fixed.apply)(without_scale, tokens, mask, vectors, history_mask,
+                                return_weights=True)
+    _, flat = _jit(_embedder().apply)(without_scale, tokens, mask, vectors, history_mask,
+                                      return_weights=True)
+    np.testing.assert_allclose(sharp, same, rtol=1e-5, atol=1e-7)
+    assert sharp[0].max() > flat[0].max() + 0.1  # user 0's 5 items: the scale picks among them
+    apply = _jit(learned.apply)
+    grads = jax.grad(lambda p: jnp.sum(apply(p, tokens, mask, vectors, history_mask)[:, 1, 0]))(
+        params)
+    assert float(grads["params"]["attention_log_scale"]) != 0.0
 
 
 def test_empty_history_gives_zero_persona_and_finite_gradients():
