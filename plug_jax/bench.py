@@ -70,10 +70,6 @@ PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time the same step in th
 STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the warm-up); the median is reported.")
 WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after the first call.")
 TEXTS = flags.DEFINE_integer("texts", 0, "embed: the most history texts to embed; 0: all.")
-VARIANTS = flags.DEFINE_multi_string(
-    "variant", [], "train: config fields to change for an update timed beside the config's, in "
-    "turn, e.g. llm.attention_impl=einsum or llm.remat=True,llm.remat_policy=dots_saveable "
-    "(the batch stays the config's); repeatable.")
 HISTORY = flags.DEFINE_list("history", [], "train: history items per example to time in turn, "
                             "e.g. 8,512 (each example's own items cycled to fill them); empty: "
                             "the batch as featurized (config.data.max_history slots).")
@@ -165,25 +161,6 @@ def _summary(step_times: Sequence[float], first_call_s: float, first_loss: float
             "flops_per_s": flops / step, "first_loss": first_loss}
 
 
-def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-    """The config with a --variant's fields changed: 'llm.dtype=bfloat16',
-    'llm.remat=True,llm.remat_policy=dots_with_no_batch_dims_saveable'."""
-    changed = config.copy_and_resolve_references()
-    for assignment in variant.split(","):
-        field, equals, text = assignment.partition("=")
-        *sections, name = field.split(".")
-        try:
-            section = functools.reduce(lambda parent, key: parent[key], sections, changed)
-            old = section[name]
-        except (KeyError, TypeError):
-            old = section = None
-        if not equals or not isinstance(section, ml_collections.ConfigDict):
-            raise errors.UserError(f"--variant {variant!r}: {field!r} is not a config field "
-                                   "(expected FIELD=VALUE[,FIELD=VALUE], like llm.dtype=bfloat16)")
-        section[name] = text.lower() in ("true", "1") if isinstance(old, bool) else type(old)(text)
-    return changed
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
           steps: int = 10, warmup: int = 1, peer: str | None = None,
           history: Sequence[int] = (), variants: Sequence[str] = ()) -> dict:
@@ -199,7 +176,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
     cli.echo(f"building the experiment: LLM {config.llm.path}, encoder {config.encoder.path}")
     exp = experiment_lib.build(config, workdir, splits=(config.data.train_split,), mesh=mesh,
                                progress=False)
-    variant_exps = {variant: experiment_lib.build(variant_config(config, variant), workdir,
+    variant_exps = {variant: experiment_lib.build(cli.variant_config(config, variant), workdir,
                                                   splits=(config.data.train_split,), mesh=mesh,
                                                   progress=False)
                     for variant in variants}
@@ -578,7 +555,7 @@ def main(argv: Sequence[str]) -> None:
         raise errors.UserError(f"--history {','.join(HISTORY.value)}: expected item counts, "
                                "like 8,512")
     options = ({"texts": TEXTS.value} if argv[1] == "embed" else
-               {"history": [int(items) for items in HISTORY.value], "variants": VARIANTS.value}
+               {"history": [int(items) for items in HISTORY.value], "variants": cli.VARIANTS.value}
                if argv[1] == "train" else {})
     result = run_benchmark(cli.CONFIG.value, cli.WORKDIR.value, steps=STEPS.value,
                            warmup=WARMUP.value, peer=PEER.value, **options)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import difflib
+import functools
 import logging as python_logging
 import os
 import re
@@ -33,6 +34,7 @@ from typing import Callable, NoReturn, Sequence
 import jax
 from absl import app, flags, logging
 from etils import epath
+import ml_collections
 from ml_collections import config_flags
 
 from plug_jax import errors
@@ -46,6 +48,11 @@ COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None,
                                           "host:port of process 0 (multi-host runs).")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+VARIANTS = flags.DEFINE_multi_string(
+    "variant", [], "FIELD=VALUE[,FIELD=VALUE]: the config with these fields changed, run beside "
+    "it (repeatable), e.g. plug.persona_tokens=4 or llm.remat=True,llm.remat_policy=dots_saveable."
+    " bench train times its update on the same batch; compare trains its methods again (an "
+    "ablation).")
 VERBOSE = flags.DEFINE_bool("verbose", False, "Show library INFO logs (Orbax, absl, JAX) on the "
                             "terminal too; they always go to <workdir>/logs/.")
 
@@ -91,6 +98,25 @@ def use_compilation_cache(directory: str | None = None) -> None:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0.5)))
+
+
+def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    """The config with a --variant's fields changed: 'llm.dtype=bfloat16',
+    'llm.remat=True,llm.remat_policy=dots_with_no_batch_dims_saveable'."""
+    changed = config.copy_and_resolve_references()
+    for assignment in variant.split(","):
+        field, equals, text = assignment.partition("=")
+        *sections, name = field.split(".")
+        try:
+            section = functools.reduce(lambda parent, key: parent[key], sections, changed)
+            old = section[name]
+        except (KeyError, TypeError):
+            old = section = None
+        if not equals or not isinstance(section, ml_collections.ConfigDict):
+            raise errors.UserError(f"--variant {variant!r}: {field!r} is not a config field "
+                                   "(expected FIELD=VALUE[,FIELD=VALUE], like llm.dtype=bfloat16)")
+        section[name] = text.lower() in ("true", "1") if isinstance(old, bool) else type(old)(text)
+    return changed
 
 
 def fail(message: str) -> NoReturn:

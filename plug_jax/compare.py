@@ -4,6 +4,10 @@
       --config.data.dir=../shared/data/lamp-real/amazon_music \
       --methods majority,profile,zero_shot,instruction,pplug --seeds 3 --workdir /tmp/compare
 
+`--variant FIELD=VALUE[,...]` (repeatable) trains the trained methods again with those config
+fields changed, as `method+FIELD=VALUE` (an ablation: `--variant plug.persona_tokens=4`), and
+tests each against the method as configured.
+
 Each method runs in <workdir>/<method>/seed<N>: trained methods (plug_jax/methods.py) train once
 per seed, with config.seed = N (the plug's init and the data order); the others are
 deterministic and run once. A run with metrics.json is done: rerunning resumes the rest. Writes
@@ -40,19 +44,34 @@ SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds of each trained method.")
 ALPHA = 0.05
 
 
-def _run_one(config, method: methods.Method, seed: int, rundir: Path) -> dict:
-    """metrics.json of one run, computed unless a finished run left it."""
+def label(method_name: str, variant: str = "") -> str:
+    """A run's name in the tables and its directory: the method, and the variant it ran under
+    (no glob characters: Orbax globs checkpoint paths)."""
+    return f"{method_name}+{variant}" if variant else method_name
+
+
+def split_label(run_label: str) -> tuple[str, str]:
+    """label's inverse: 'pplug@mean+plug.persona_tokens=4' -> ('pplug@mean', 'plug.persona_tokens=4')."""
+    method_name, _, variant = run_label.partition("+")
+    return method_name, variant
+
+
+def _run_one(config, method: methods.Method, seed: int, workdir: Path, variant: str = "") -> dict:
+    """metrics.json of one run (of `config`, the variant's if any), computed unless a finished
+    run left it."""
+    rundir = workdir / label(method.name, variant) / f"seed{seed}"
     if (rundir / "run.json").exists():  # written last: the run finished
         return json.loads((rundir / "metrics.json").read_text())
-    config = copy.deepcopy(config)
+    given, config = config, copy.deepcopy(config)
     config.method, config.seed = method.name, seed
     if method.label_choice:
         config.decode.label_choice = method.label_choice
     started = time.time()
     splits = tuple(config.data.eval_splits)
     if method.trains and method.label_choice:  # the base method's plug, answering another way
-        trained = rundir.parent.parent / methods.base_name(method.name) / rundir.name
-        _run_one(config, methods.get(methods.base_name(method.name)), seed, trained)
+        base = methods.get(methods.base_name(method.name))
+        _run_one(given, base, seed, workdir, variant)  # its own rule, unless already run
+        trained = workdir / label(base.name, variant) / rundir.name
         rundir.mkdir(parents=True, exist_ok=True)
         exp = experiment.build(config, rundir)
         _, plug_params = export.load_plug(trained / "plug")
@@ -89,23 +108,31 @@ def control_of(plug_method: str) -> str:
 
 
 def significance_against_best(task: lamp.Task, table: dict, rundirs: dict, golds: dict) -> dict:
-    """{plug method: {split: {"baseline", "p": {metric: p}, "control"?, "control_p"?}}}: each
-    persona plug against the baseline with the best mean headline metric on that split, and
-    against its `control_of` when that ran too."""
+    """{plug run: {split: {"baseline", "p": {metric: p}, "control"?, "control_p"?, "unvaried"?,
+    "unvaried_p"?}}}: each persona plug against the baseline with the best mean headline metric
+    on that split, against its `control_of` when that ran too, and a variant's against the
+    method as configured."""
     headline = metrics.headline_metric(task.name)
-    plugs = [m for m in table if methods.get(m).plug == "persona"]
-    others = [m for m in table if methods.get(m).plug != "persona"]
+
+    def is_plug(run_label):
+        return methods.get(split_label(run_label)[0]).plug == "persona"
+
+    plugs = [m for m in table if is_plug(m)]
+    others = [m for m in table if not is_plug(m)]
     found = {}
     for split, split_golds in golds.items():
-        candidates = [m for m in others if split in table[m]]
-        if not candidates or any(g is None for g in split_golds):
+        if any(g is None for g in split_golds):
             continue
+        candidates = [m for m in others if split in table[m]]
         sign = -1 if headline.higher_is_better else 1
-        best = min(candidates, key=lambda m: sign * table[m][split][headline.name]["mean"])
+        best = min(candidates, key=lambda m: sign * table[m][split][headline.name]["mean"],
+                   default=None)
 
-        def scores(method):
+        def scores(run_label):
+            method = split_label(run_label)[0]
             per_seed = [significance.per_question_scores(
-                task.name, _predictions(d, method, split), split_golds) for d in rundirs[method]]
+                task.name, _predictions(d, method, split), split_golds)
+                for d in rundirs[run_label]]
             return {name: np.mean([s[name] for s in per_seed], axis=0) for name in per_seed[0]}, \
                 per_seed[0]
 
@@ -119,10 +146,15 @@ def significance_against_best(task: lamp.Task, table: dict, rundirs: dict, golds
         for plug in plugs:
             if split not in table[plug]:
                 continue
-            found.setdefault(plug, {})[split] = {"baseline": best, "p": p_values(plug, best)}
-            control = control_of(plug)
+            method, variant = split_label(plug)
+            control = label(control_of(method), variant)
+            test = {"baseline": best, "p": p_values(plug, best)} if best else {}
             if control != best and split in table.get(control, {}):
-                found[plug][split].update(control=control, control_p=p_values(plug, control))
+                test.update(control=control, control_p=p_values(plug, control))
+            if variant and split in table.get(method, {}):
+                test.update(unvaried=method, unvaried_p=p_values(plug, method))
+            if test:
+                found.setdefault(plug, {})[split] = test
     return found
 
 
@@ -138,7 +170,8 @@ def format_markdown(task: lamp.Task, table: dict, tests: dict, seconds: dict,
              f"Mean ± sample std over seeds ({headline.name}: "
              f"{'higher' if headline.higher_is_better else 'lower'} is better). "
              f"* marks a persona plug whose difference from the split's best other method is "
-             f"significant at p < {ALPHA}.", "",
+             f"significant at p < {ALPHA}. method+FIELD=VALUE: trained with those config "
+             f"fields changed (--variant).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, by_split in table.items():
         cells = [f"{method} ({len(next(iter(by_split.values()))[names[0]]['seeds'])} seed(s))"]
@@ -156,19 +189,20 @@ def format_markdown(task: lamp.Task, table: dict, tests: dict, seconds: dict,
     lines.append("")
     for method, by_split in tests.items():
         for split, test in by_split.items():
-            p = ", ".join(f"{name} p = {value:.3g}" for name, value in test["p"].items())
-            lines.append(f"- {method} against {test['baseline']} on {split}: {p}")
-            if "control" in test:
-                p = ", ".join(f"{name} p = {value:.3g}" for name, value in test["control_p"].items())
-                lines.append(f"- {method} against {test['control']} on {split}: {p}")
+            for against, p_key in (("baseline", "p"), ("control", "control_p"),
+                                   ("unvaried", "unvaried_p")):
+                if against in test:
+                    p = ", ".join(f"{name} p = {value:.3g}" for name, value in test[p_key].items())
+                    lines.append(f"- {method} against {test[against]} on {split}: {p}")
     lines += ["", f"{total_seconds:.0f} s in all on {platform.machine()} "
               f"({platform.processor() or 'cpu'}), Python {platform.python_version()}."]
     return "\n".join(lines) + "\n"
 
 
 def compare(config, workdir: str | Path, method_names: Sequence[str], seeds: int,
-            command: str = "") -> dict:
-    """Runs the methods (resuming), writes compare.json and compare.md; returns the table."""
+            command: str = "", variants: Sequence[str] = ()) -> dict:
+    """Runs the methods, and the trained ones again under each variant (resuming), writes
+    compare.json and compare.md; returns the table."""
     cli.check_writable(workdir)
     workdir = epath.Path(workdir)
     started = time.time()
@@ -181,22 +215,28 @@ def compare(config, workdir: str | Path, method_names: Sequence[str], seeds: int
         experiment.load_splits(config, workdir, (config.data.train_split,
                                                  *config.data.eval_splits))
     experiment.build(config, splits=(), abstract=True)
+    for variant in variants:
+        experiment.build(cli.variant_config(config, variant), splits=(), abstract=True)
     workdir.mkdir(parents=True, exist_ok=True)
     # Every run reads the same data and shares one history-embedding cache.
     config.data.dir = str(experiment.data_dir(config, workdir))
     config.data.cache_dir = config.data.cache_dir or str(workdir / "cache")
+    configs = {"": config, **{variant: cli.variant_config(config, variant)
+                              for variant in variants}}
     table, rundirs, seconds = {}, {}, {}
-    for method in chosen:
+    for variant, method in [("", m) for m in chosen] + [
+            (v, m) for v in variants for m in chosen if m.trains]:
+        name = label(method.name, variant)
         seed_list = range(seeds) if method.trains else range(1)
-        rundirs[method.name] = [workdir / method.name / f"seed{seed}" for seed in seed_list]
+        rundirs[name] = [workdir / name / f"seed{seed}" for seed in seed_list]
         runs = []
-        for seed, rundir in zip(seed_list, rundirs[method.name]):
-            cli.echo(f"== {method.name}, seed {seed}: {rundir}")
-            runs.append(_run_one(config, method, seed, rundir)[method.name])
-        table[method.name] = {split: {name: _summary([run[split][name] for run in runs])
-                                      for name in runs[0][split]} for split in runs[0]}
-        seconds[method.name] = float(np.mean([json.loads((d / "run.json").read_text())["seconds"]
-                                              for d in rundirs[method.name]]))
+        for seed, rundir in zip(seed_list, rundirs[name]):
+            cli.echo(f"== {name}, seed {seed}: {rundir}")
+            runs.append(_run_one(configs[variant], method, seed, workdir, variant)[method.name])
+        table[name] = {split: {metric: _summary([run[split][metric] for run in runs])
+                               for metric in runs[0][split]} for split in runs[0]}
+        seconds[name] = float(np.mean([json.loads((d / "run.json").read_text())["seconds"]
+                                       for d in rundirs[name]]))
     splits = {split for by_split in table.values() for split in by_split}
     golds = {split: [e.target for e in lamp.load_split(config.data.dir, split, task)]
              for split in splits}
@@ -215,7 +255,8 @@ def compare(config, workdir: str | Path, method_names: Sequence[str], seeds: int
 def main(argv: Sequence[str]) -> None:
     del argv
     command = "python -m plug_jax.compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    compare(cli.CONFIG.value, cli.WORKDIR.value, METHODS.value, SEEDS.value, command)
+    compare(cli.CONFIG.value, cli.WORKDIR.value, METHODS.value, SEEDS.value, command,
+            cli.VARIANTS.value)
 
 
 if __name__ == "__main__":

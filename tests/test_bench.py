@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import lamp3
-from plug_jax import bench, errors, experiment, train
+from plug_jax import bench, cli, errors, experiment, train
 from plug_jax.data import pipeline
 
 
@@ -63,13 +63,13 @@ def test_history_items_fill_every_slot_from_the_example_s_own_items():
 
 def test_variant_config_changes_the_named_fields():
     config = lamp3.get_config("tiny")
-    changed = bench.variant_config(config, "llm.remat=True,llm.remat_policy=dots_saveable,"
+    changed = cli.variant_config(config, "llm.remat=True,llm.remat_policy=dots_saveable,"
                                            "optim.lr=0.5")
     assert (changed.llm.remat, changed.llm.remat_policy, changed.optim.lr) == (
         True, "dots_saveable", 0.5)
     assert not config.llm.remat  # the config itself is left as it was
     with pytest.raises(errors.UserError, match="'llm.remats' is not a config field"):
-        bench.variant_config(config, "llm.remats=True")
+        cli.variant_config(config, "llm.remats=True")
 
 
 @pytest.mark.parametrize("llm_path", ["tiny-llama", "smollm2"])

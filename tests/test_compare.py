@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import lamp3
-from plug_jax import compare, experiment, methods, metrics
+from plug_jax import compare, errors, experiment, export, methods, metrics
 from plug_jax.data import lamp
 
 SEEDS = 2
@@ -95,3 +95,29 @@ def test_a_decision_rule_variant_reuses_the_trained_plug(compared):
         assert all(1.0 <= float(value) <= 5.0 for value in means.values())
         assert set(means.values()) - set(lamp.get_task("LaMP_3").labels)  # numbers, not labels
     assert table[same]["dev"] == table["pplug"]["dev"]
+
+
+def test_a_config_variant_trains_again_and_is_tested_against_the_config(compared, tmp_path):
+    workdir, config, table = compared
+    variant = "plug.persona_tokens=2"
+    stamps = {path: path.stat().st_mtime_ns for path in (workdir / "pplug").rglob("*")}
+    with pytest.raises(errors.UserError, match="'plug.persona_tokenz' is not a config field"):
+        compare.compare(config, tmp_path / "refused", ["pplug"], 1, variants=["plug.persona_tokenz=2"])
+    assert not (tmp_path / "refused").exists()
+
+    varied = compare.compare(config, workdir, ["pplug", "pplug@mean"], 1, command="test",
+                             variants=[variant])
+    assert {path: path.stat().st_mtime_ns for path in stamps} == stamps  # the config's: resumed
+    name, at_mean = f"pplug+{variant}", f"pplug@mean+{variant}"
+    assert set(varied) == {"pplug", "pplug@mean", name, at_mean}
+    assert varied["pplug"]["dev"]["mae"]["seeds"] == table["pplug"]["dev"]["mae"]["seeds"][:1]
+    assert compare.split_label(at_mean) == ("pplug@mean", variant)
+    plug_config, _ = export.load_plug(workdir / name / "seed0" / "plug")
+    assert plug_config["embedder"]["persona_tokens"] == 2
+    assert not (workdir / at_mean / "seed0" / "checkpoints").exists()  # the variant's plug, reused
+    tests = json.loads((workdir / "significance.json").read_text())
+    for run, unvaried in ((name, "pplug"), (at_mean, "pplug@mean")):
+        test = tests[run]["dev"]
+        assert test["unvaried"] == unvaried and set(test["unvaried_p"]) == {"mae", "rmse"}
+        assert all(0.0 <= p <= 1.0 for p in test["unvaried_p"].values())
+        assert f"- {run} against {unvaried} on dev: mae p = " in (workdir / "compare.md").read_text()
