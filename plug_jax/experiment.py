@@ -264,6 +264,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
     """
     data = config.data
     task, method = lamp.get_task(data.task), methods.get(config.method)
+    plug.check_config(config.plug)
     if splits is None:
         splits = (data.train_split,) + tuple(data.eval_splits)
     with_data = not abstract and bool(splits)

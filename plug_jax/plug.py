@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from plug_jax import errors
 from plug_jax.models import bert
 from plug_jax.models.layers import constrain, dense
 
@@ -87,6 +88,22 @@ def aggregation_weights(query: jax.Array, history: jax.Array, history_mask: jax.
     any_history = history_mask.any(axis=-1, keepdims=True)
     weights = jax.nn.softmax(jnp.where(any_history, scores, 0.0), axis=-1)
     return jnp.where(history_mask, weights, 0.0)
+
+
+def check_config(plug_config) -> None:
+    """ConfigError for config.plug values the UserEmbedder cannot take."""
+    scale, init = plug_config.get("soft_token_scale", "rms"), plug_config.get("param_init", "default")
+    if scale not in SOFT_TOKEN_SCALES:
+        raise errors.ConfigError(f"config.plug.soft_token_scale {scale!r}: expected one of "
+                                 f"{', '.join(SOFT_TOKEN_SCALES)}")
+    if init not in INITS:
+        raise errors.ConfigError(f"config.plug.param_init {init!r}: expected one of {', '.join(INITS)}")
+    if plug_config.get("persona_tokens", 1) < 1:
+        raise errors.ConfigError(f"config.plug.persona_tokens {plug_config.persona_tokens}: expected "
+                                 "1 or more (the instruction token alone: --config.method=instruction)")
+    if not plug_config.get("attention_scale", 1.0) > 0:
+        raise errors.ConfigError(f"config.plug.attention_scale {plug_config.attention_scale}: "
+                                 "expected > 0")
 
 
 def rms_scale(x: jax.Array, target_rms: float, eps: float = 1e-12) -> jax.Array:
