@@ -237,7 +237,7 @@ def compare(config, workdir: str | Path, method_names: Sequence[str], seeds: int
                                for metric in runs[0][split]} for split in runs[0]}
         seconds[name] = float(np.mean([json.loads((d / "run.json").read_text())["seconds"]
                                        for d in rundirs[name]]))
-    splits = {split for by_split in table.values() for split in by_split}
+    splits = dict.fromkeys(split for by_split in table.values() for split in by_split)
     golds = {split: [e.target for e in lamp.load_split(config.data.dir, split, task)]
              for split in splits}
     if config.data.max_eval_examples:
