@@ -56,10 +56,14 @@ def split_label(run_label: str) -> tuple[str, str]:
     return method_name, variant
 
 
+def run_dir(workdir: Path, run_label: str, seed: int) -> Path:
+    return workdir / run_label / f"seed{seed}"
+
+
 def _run_one(config, method: methods.Method, seed: int, workdir: Path, variant: str = "") -> dict:
     """metrics.json of one run (of `config`, the variant's if any), computed unless a finished
     run left it."""
-    rundir = workdir / label(method.name, variant) / f"seed{seed}"
+    rundir = run_dir(workdir, label(method.name, variant), seed)
     if (rundir / "run.json").exists():  # written last: the run finished
         return json.loads((rundir / "metrics.json").read_text())
     given, config = config, copy.deepcopy(config)
@@ -71,7 +75,7 @@ def _run_one(config, method: methods.Method, seed: int, workdir: Path, variant: 
     if method.trains and method.label_choice:  # the base method's plug, answering another way
         base = methods.get(methods.base_name(method.name))
         _run_one(given, base, seed, workdir, variant)  # its own rule, unless already run
-        trained = workdir / label(base.name, variant) / rundir.name
+        trained = run_dir(workdir, label(base.name, variant), seed)
         rundir.mkdir(parents=True, exist_ok=True)
         exp = experiment.build(config, rundir)
         _, plug_params = export.load_plug(trained / "plug")
@@ -228,7 +232,7 @@ def compare(config, workdir: str | Path, method_names: Sequence[str], seeds: int
             (v, m) for v in variants for m in chosen if m.trains]:
         name = label(method.name, variant)
         seed_list = range(seeds) if method.trains else range(1)
-        rundirs[name] = [workdir / name / f"seed{seed}" for seed in seed_list]
+        rundirs[name] = [run_dir(workdir, name, seed) for seed in seed_list]
         runs = []
         for seed, rundir in zip(seed_list, rundirs[name]):
             cli.echo(f"== {name}, seed {seed}: {rundir}")
