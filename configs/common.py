@@ -109,6 +109,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         persona_tokens=1,          # soft tokens the persona takes
         attention_scale=1.0,       # the aggregator's softmax of cosines x this (reference: 1)
         learn_attention_scale=False,  # train log(attention_scale)
+        input_tokens=0,            # soft tokens read from the input's query embedding (reference: 0)
     )
     config.optim = dict(
         lr=2e-3,                   # projectors + instruction vector

@@ -77,7 +77,7 @@ class Experiment:
             return {name: value for name, value in params.items() if name != "query_encoder"}
 
         params = jax.jit(fresh)(rng)
-        if self.embedder.persona_tokens:
+        if self.embedder.encodes_query:
             # A copy: the training state is donated to the update, which frees its buffers.
             params["query_encoder"] = jax.tree.map(jnp.copy, self.encoder_params)
         return params if mesh is None else jax.device_put(params, self.plug_shardings(mesh))
@@ -282,6 +282,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None = None, 
                 projector_hidden=config.plug.projector_hidden,
                 train_query_encoder=config.plug.train_query_encoder,
                 persona_tokens=config.plug.persona_tokens if method.plug == "persona" else 0,
+                input_tokens=int(config.plug.get("input_tokens", 0)),
                 param_init=config.plug.param_init,
                 attention_scale=float(config.plug.get("attention_scale", 1.0)),
                 learn_attention_scale=bool(config.plug.get("learn_attention_scale", False)),

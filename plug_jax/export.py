@@ -136,7 +136,7 @@ PLUG_DEFINING_FIELDS = (
     "encoder.pooling", "encoder.max_length", "encoder.query_instruction", "data.history_labels",
     "data.query_from", "data.lamp1_query", "plug.projector_hidden", "plug.train_query_encoder",
     "plug.soft_token_scale", "plug.soft_token_norm", "plug.persona_tokens", "plug.attention_scale",
-    "plug.learn_attention_scale")
+    "plug.learn_attention_scale", "plug.input_tokens")
 
 
 def config_mismatch(plug_config: Mapping[str, Any], config: ml_collections.ConfigDict

@@ -5,7 +5,8 @@ For one input x of user u with history h_1..h_n (oldest first):
   w_i    = softmax_i(s * q . E_hist(h_i))             over the most recent `max_history` items
   P_u    = sum_i w_i * MLP_persona(E_hist(h_i))       persona embedding, LLM width
   I      = MLP_instruction(v)                         trained instruction vector, LLM width
-and [I, P_u] enter the LLM as soft tokens, scaled by `soft_token_scale`:
+  X      = MLP_input(q)                               optional: `input_tokens` > 0 (not in the reference)
+and [I, P_u, X] enter the LLM as soft tokens, scaled by `soft_token_scale`:
   "rms"        each rescaled to the RMS of the LLM's token embeddings (ours: a fixed magnitude);
   "reference"  P_u * N and I * N / 7 (rucliujn/PPlug ModelForPer.py), N = soft_token_norm, so the
                magnitude stays learnable. The reference hard-codes N = 539.9738 for Flan-T5-XXL,
@@ -17,6 +18,10 @@ MultipleNegativesRankingLoss), which lets the weights pick items. `learn_attenti
 log s a trained parameter started there.
 With `persona_tokens` k > 1, MLP_persona's output is k tokens wide; a plug without persona tokens
 is the instruction token alone (the paper's ablation, `config.method` "instruction").
+In the reference q only weighs the history, and the LLM reads the input as text alone. With
+`input_tokens` k > 0, q itself also enters the LLM as k soft tokens: a small LLM that reads a
+review's sentiment poorly gets the sentence encoder's reading of it. An instruction plug gets them
+too, so that the persona plug against it still measures the history alone.
 E_hist is frozen and precomputed (plug_jax.embed); only this module's parameters train.
 `dropout_rate` is E_query's (BERT's hidden and attention dropout; the projectors have none),
 on in calls with deterministic=False and a 'dropout' rng: the training loss's.
@@ -98,6 +103,9 @@ def check_config(plug_config) -> None:
                                  f"{', '.join(SOFT_TOKEN_SCALES)}")
     if init not in INITS:
         raise errors.ConfigError(f"config.plug.param_init {init!r}: expected one of {', '.join(INITS)}")
+    if plug_config.get("input_tokens", 0) < 0:
+        raise errors.ConfigError(f"config.plug.input_tokens {plug_config.input_tokens}: expected "
+                                 "0 (the reference) or more")
     if plug_config.get("persona_tokens", 1) < 1:
         raise errors.ConfigError(f"config.plug.persona_tokens {plug_config.persona_tokens}: expected "
                                  "1 or more (the instruction token alone: --config.method=instruction)")
@@ -113,8 +121,8 @@ def rms_scale(x: jax.Array, target_rms: float, eps: float = 1e-12) -> jax.Array:
 
 
 class UserEmbedder(nn.Module):
-    """Query encoder + input-aware aggregator + projectors -> [B, 1 + persona_tokens, llm_width]
-    soft tokens: the instruction token, then the persona."""
+    """Query encoder + input-aware aggregator + projectors -> [B, num_soft_tokens, llm_width]
+    soft tokens: the instruction token, the persona, then the input's."""
 
     encoder_config: bert.BertConfig
     llm_width: int
@@ -129,10 +137,15 @@ class UserEmbedder(nn.Module):
     dropout_rate: float = 0.0  # the query encoder's, with deterministic=False
     attention_scale: float = 1.0  # s of the aggregator's softmax (the reference: 1)
     learn_attention_scale: bool = False  # log s trains, from log(attention_scale)
+    input_tokens: int = 0  # soft tokens projected from the query embedding (the reference: 0)
 
     @property
     def num_soft_tokens(self) -> int:
-        return 1 + self.persona_tokens
+        return 1 + self.persona_tokens + self.input_tokens
+
+    @property
+    def encodes_query(self) -> bool:
+        return bool(self.persona_tokens or self.input_tokens)
 
     def setup(self):
         if self.soft_token_scale not in SOFT_TOKEN_SCALES or self.param_init not in INITS:
@@ -141,13 +154,17 @@ class UserEmbedder(nn.Module):
         hidden = self.projector_hidden or self.llm_width
         if self.attention_scale <= 0:
             raise ValueError(f"attention_scale {self.attention_scale}: expected > 0")
+        if self.encodes_query:
+            self.query_encoder = bert.Bert(self.encoder_config, dtype=self.dtype,
+                                           dropout_rate=self.dropout_rate)
+        if self.input_tokens:
+            self.input_projector = ProjectorMLP(hidden, self.llm_width * self.input_tokens,
+                                                dtype=self.dtype, param_init=self.param_init)
         if self.persona_tokens:
             if self.learn_attention_scale:
                 self.attention_log_scale = self.param(
                     "attention_log_scale", nn.with_logical_partitioning(
                         nn.initializers.constant(math.log(self.attention_scale)), ()), ())
-            self.query_encoder = bert.Bert(self.encoder_config, dtype=self.dtype,
-                                           dropout_rate=self.dropout_rate)
             self.persona_projector = ProjectorMLP(hidden, self.llm_width * self.persona_tokens,
                                                   dtype=self.dtype, param_init=self.param_init)
         self.instruction_projector = ProjectorMLP(hidden, self.llm_width, dtype=self.dtype,
@@ -170,8 +187,9 @@ class UserEmbedder(nn.Module):
         instruction = self.instruction_projector(self.instruction)
         soft = jnp.broadcast_to(instruction, (batch, 1, self.llm_width))
         weights = jnp.zeros(history_mask.shape, jnp.float32)
+        query = (self.encode_query(query_tokens, query_mask, deterministic)
+                 if self.encodes_query else None)
         if self.persona_tokens:
-            query = self.encode_query(query_tokens, query_mask, deterministic)
             scale = (jnp.exp(self.attention_log_scale) if self.learn_attention_scale
                      else self.attention_scale)
             weights = aggregation_weights(query, history.astype(jnp.float32), history_mask, scale)
@@ -179,6 +197,10 @@ class UserEmbedder(nn.Module):
                                  self.persona_projector(history.astype(self.dtype)))
             persona = persona.reshape(batch, self.persona_tokens, self.llm_width)
             soft = jnp.concatenate([soft, persona.astype(soft.dtype)], axis=1)
+        if self.input_tokens:
+            read = self.input_projector(query.astype(self.dtype))
+            read = read.reshape(batch, self.input_tokens, self.llm_width)
+            soft = jnp.concatenate([soft, read.astype(soft.dtype)], axis=1)
         soft = soft.astype(jnp.float32)
         if self.soft_token_scale == "reference":
             divisors = jnp.ones(soft.shape[1]).at[0].set(REFERENCE_INSTRUCTION_DIVISOR)

@@ -105,9 +105,12 @@ class TorchPlug(nn.Module):
         self.instruction = nn.Parameter(torch.from_numpy(np.asarray(params["instruction"],
                                                                     np.float32).copy()))
         self.instruction_projector = _projector(params["instruction_projector"])
-        if embedder.persona_tokens:
+        if embedder.encodes_query:
             self.query_encoder = hf_bert(embedder.encoder_config, params["query_encoder"])
             self.query_encoder.requires_grad_(embedder.train_query_encoder)
+        if embedder.input_tokens:
+            self.input_projector = _projector(params["input_projector"])
+        if embedder.persona_tokens:
             self.persona_projector = _projector(params["persona_projector"])
             self.attention_log_scale = nn.Parameter(torch.tensor(
                 float(params["attention_log_scale"]) if embedder.learn_attention_scale
@@ -117,7 +120,7 @@ class TorchPlug(nn.Module):
     def forward(self, query_tokens, query_mask, history, history_mask) -> torch.Tensor:
         embedder, batch = self.embedder, history.shape[0]
         soft = self.instruction_projector(self.instruction).expand(batch, 1, -1)
-        if embedder.persona_tokens:
+        if embedder.encodes_query:
             hidden = self.query_encoder(input_ids=query_tokens,
                                         attention_mask=query_mask.long()).last_hidden_state
             if embedder.encoder_config.pooling == "cls":
@@ -126,6 +129,7 @@ class TorchPlug(nn.Module):
                 weights = query_mask.float()[..., None]
                 query = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
             query = query * torch.rsqrt((query * query).sum(-1, keepdim=True).clamp_min(1e-24))
+        if embedder.persona_tokens:
             scores = self.attention_log_scale.exp() * torch.einsum("be,bhe->bh", query,
                                   nn.functional.normalize(history, dim=-1, eps=1e-12))
             scores = scores.masked_fill(~history_mask, -math.inf)
@@ -134,6 +138,9 @@ class TorchPlug(nn.Module):
             weights = torch.where(history_mask, weights, 0.0)
             persona = torch.einsum("bh,bhd->bd", weights, self.persona_projector(history))
             soft = torch.cat([soft, persona.reshape(batch, embedder.persona_tokens, -1)], dim=1)
+        if embedder.input_tokens:
+            read = self.input_projector(query).reshape(batch, embedder.input_tokens, -1)
+            soft = torch.cat([soft, read], dim=1)
         if embedder.soft_token_scale == "reference":
             divisors = torch.ones(soft.shape[1])
             divisors[0] = plug_lib.REFERENCE_INSTRUCTION_DIVISOR

@@ -80,8 +80,8 @@ def test_torch_peer_loss_equals_ours(llm_path, tmp_path):
     config = lamp3.get_config("tiny")
     config.llm.path = llm_path
     config.optim.batch_size = 2
-    if llm_path == "tiny-llama":  # the peer's learned attention scale too
-        config.plug.update(attention_scale=20.0, learn_attention_scale=True)
+    if llm_path == "tiny-llama":  # the peer's learned attention scale and input token too
+        config.plug.update(attention_scale=20.0, learn_attention_scale=True, input_tokens=1)
     exp = experiment.build(config, tmp_path, splits=(config.data.train_split,), progress=False)
     examples = exp.splits[config.data.train_split][:2]
     length = pipeline.longest_llm_length(exp.llm, examples, config.data, with_targets=True)

@@ -60,6 +60,8 @@ def _paper_values(task):
         # aggr_id.py: softmax of the cosines as they are.
         "plug.attention_scale": 1.0,
         "plug.learn_attention_scale": False,
+        # q only weighs the history: the LLM reads the input as text alone.
+        "plug.input_tokens": 0,
         # Trainer in train mode: T5 dropout_rate 0.1, bge hidden/attention dropout 0.1.
         "plug.dropout": 0.1,
         "llm.dropout": 0.1,

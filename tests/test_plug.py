@@ -5,10 +5,11 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from plug_jax import plug
+from plug_jax import errors, plug
 from plug_jax.data import history as history_lib
 from plug_jax.models import bert
 
@@ -106,6 +107,31 @@ def test_persona_depends_on_history_and_query():
     assert not np.allclose(soft[0, 1], other_history[0, 1])
     assert not np.allclose(soft[0, 1], other_query[0, 1])   # input-aware: the query reweighs
     np.testing.assert_allclose(soft[:, 0], other_history[:, 0])  # instruction: the same for all
+
+
+def test_input_tokens_carry_the_query_to_the_llm_in_both_plugs():
+    tokens, mask, vectors, history_mask = _inputs()
+    for persona_tokens in (1, 0):  # the persona plug, and the instruction plug (its control)
+        module = _embedder(persona_tokens=persona_tokens, input_tokens=2)
+        params = _jit(module.init)(jax.random.key(0), tokens, mask, vectors, history_mask)
+        apply = _jit(module.apply)
+        soft = apply(params, tokens, mask, vectors, history_mask)
+        assert soft.shape == (3, 1 + persona_tokens + 2, 24) and module.num_soft_tokens == soft.shape[1]
+        read = soft[:, 1 + persona_tokens:]
+        np.testing.assert_allclose(np.sqrt(np.mean(np.square(read), -1)), 0.7, rtol=1e-4)
+        np.testing.assert_allclose(apply(params, tokens, mask, vectors[::-1], history_mask)[
+            :, 1 + persona_tokens:], read, rtol=1e-6)  # the input's tokens: not the history
+        assert not np.allclose(apply(params, tokens[:, ::-1], mask, vectors, history_mask)[
+            :, 1 + persona_tokens:], read)  # but the query
+        query = module.apply(params, tokens, mask, method=module.encode_query)
+        by_hand = plug.ProjectorMLP(16, 48).apply(
+            {"params": nn.unbox(params["params"]["input_projector"])}, query).reshape(3, 2, 24)
+        np.testing.assert_allclose(read, plug.rms_scale(by_hand, 0.7), rtol=1e-4, atol=1e-6)
+        grads = jax.grad(lambda p: jnp.sum(apply(p, tokens, mask, vectors, history_mask)[:, -1]))(
+            params)
+        assert any(np.any(g != 0) for g in jax.tree.leaves(grads["params"]["query_encoder"]))
+    with pytest.raises(errors.ConfigError, match="config.plug.input_tokens -1: expected 0"):
+        plug.check_config(ml_collections.ConfigDict(dict(input_tokens=-1)))
 
 
 def test_dropout_reaches_the_query_encoder_in_train_mode_only():
