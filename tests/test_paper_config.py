@@ -107,6 +107,7 @@ def test_other_configs_keep_our_defaults():
     assert config.plug.dropout == config.llm.dropout == 0.0
     assert (config.decode.method, config.decode.label_choice) == ("score", "median")
     assert common.lamp_config("LaMP_2", None).decode.label_choice == "likeliest"
+    assert (config.plug.input_tokens, common.lamp_config("LaMP_4", None).plug.input_tokens) == (1, 0)
 
 
 # --------------------------------------------------------------------------------------------
