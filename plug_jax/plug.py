@@ -154,6 +154,9 @@ class UserEmbedder(nn.Module):
         hidden = self.projector_hidden or self.llm_width
         if self.attention_scale <= 0:
             raise ValueError(f"attention_scale {self.attention_scale}: expected > 0")
+        if self.persona_tokens < 0 or self.input_tokens < 0:
+            raise ValueError(f"persona_tokens {self.persona_tokens}, input_tokens "
+                             f"{self.input_tokens}: expected 0 or more")
         if self.encodes_query:
             self.query_encoder = bert.Bert(self.encoder_config, dtype=self.dtype,
                                            dropout_rate=self.dropout_rate)

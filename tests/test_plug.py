@@ -132,6 +132,8 @@ def test_input_tokens_carry_the_query_to_the_llm_in_both_plugs():
         assert any(np.any(g != 0) for g in jax.tree.leaves(grads["params"]["query_encoder"]))
     with pytest.raises(errors.ConfigError, match="config.plug.input_tokens -1: expected 0"):
         plug.check_config(ml_collections.ConfigDict(dict(input_tokens=-1)))
+    with pytest.raises(ValueError, match="input_tokens -1: expected 0 or more"):
+        _embedder(input_tokens=-1).init(jax.random.key(0), tokens, mask, vectors, history_mask)
 
 
 def test_dropout_reaches_the_query_encoder_in_train_mode_only():
