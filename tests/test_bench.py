@@ -39,7 +39,9 @@ def test_train_benchmark_times_steps_and_counts_flops(tmp_path):
     examples = exp.splits[config.data.train_split]
     length = pipeline.longest_llm_length(exp.llm, examples, config.data, with_targets=True)
     batch = config.optim.batch_size
-    expected = (4 * llm_params * batch * (length + 2)
+    soft_tokens = 1 + config.plug.persona_tokens + config.plug.input_tokens
+    assert shapes["soft_tokens"] == soft_tokens == 3  # LaMP-3: instruction, persona, input
+    expected = (4 * llm_params * batch * (length + soft_tokens)
                 + 6 * plug_params * batch * config.data.max_query_tokens)
     assert (shapes["llm_params"], shapes["plug_params"]) == (llm_params, plug_params)
     assert result["flops_per_step"] == expected
