@@ -169,7 +169,8 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         config.encoder.query_instruction = "Represent this sentence for searching relevant passages:"
         config.encoder.max_length = 512
         config.plug.update(soft_token_scale="reference", soft_token_norm=0.0, param_init="torch",
-                           dropout=0.1, input_tokens=0)  # bge-base hidden and attention dropout, in train mode
+                           input_tokens=0,
+                           dropout=0.1)  # bge-base hidden and attention dropout, in train mode
         config.optim.update(lr=1e-4, encoder_lr=1e-4, weight_decay=1e-4, warmup_fraction=0.05,
                             batch_size=64, epochs=1.0 if task == "LaMP_3" else 2.0, max_steps=0,
                             grad_clip=0.0, weight_decay_mask="no_bias_norm",
