@@ -107,7 +107,10 @@ def test_other_configs_keep_our_defaults():
     assert config.plug.dropout == config.llm.dropout == 0.0
     assert (config.decode.method, config.decode.label_choice) == ("score", "median")
     assert common.lamp_config("LaMP_2", None).decode.label_choice == "likeliest"
-    assert (config.plug.input_tokens, common.lamp_config("LaMP_4", None).plug.input_tokens) == (1, 0)
+    lamp4 = common.lamp_config("LaMP_4", None)
+    assert (config.plug.input_tokens, lamp4.plug.input_tokens) == (1, 0)
+    assert (config.data.augment_copies, lamp4.data.augment_copies) == (1, 0)
+    assert (config.data.synthetic.examples_per_user, lamp4.data.synthetic.examples_per_user) == (2, 4)
 
 
 # --------------------------------------------------------------------------------------------
