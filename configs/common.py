@@ -150,6 +150,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         config.encoder.path = "tiny-bert"
         config.data.synthetic.update(num_users=24, examples_per_user=3, profile_size=4)
         config.data.max_history = 8
+        config.data.augment_copies = 0  # the smoke runs' few steps see each question once
         config.data.max_query_tokens = 64
         config.optim.update(max_steps=6, batch_size=4)
         config.decode.update(max_new_tokens=3, eval_batch_size=8)
