@@ -114,7 +114,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         attention_scale=1.0,       # the aggregator's softmax of cosines x this (reference: 1)
         learn_attention_scale=False,  # train log(attention_scale)
         # soft tokens read from the input's query embedding (reference: 0); 1 for LaMP-3, where
-        # three seeds on real users measured it better on every figure (README)
+        # three seeds on real users measured it better on every figure; on LaMP-4 worse (README)
         input_tokens=1 if task == "LaMP_3" else 0,
     )
     config.optim = dict(
