@@ -16,6 +16,7 @@ import math
 import re
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 import torch
 import transformers
@@ -25,6 +26,9 @@ from torch import nn
 from plug_jax import plug as plug_lib
 from plug_jax.models import bert, llama
 from plug_jax.models.loading import Rule
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def hf_state_dict(params: Any, rules: Sequence[Rule]) -> dict[str, torch.Tensor]:
@@ -52,7 +56,8 @@ def _load(module: nn.Module, state: dict[str, torch.Tensor], may_miss: Sequence[
 
 
 def hf_llama(config: llama.LlamaConfig, params: Any) -> transformers.LlamaForCausalLM:
-    """A frozen transformers Llama with our LLM's weights."""
+    """A frozen transformers Llama with our LLM's weights, in their dtype (the reference trains
+    with `--bf16 True`)."""
     if config.rope_llama3_scaling is not None:
         raise NotImplementedError("the torch peer builds default-RoPE Llamas only")
     hf_config = transformers.LlamaConfig(
@@ -66,7 +71,7 @@ def hf_llama(config: llama.LlamaConfig, params: Any) -> transformers.LlamaForCau
     _load(model, hf_state_dict(params, llama.LLAMA_RULES),
           may_miss=("lm_head.weight",) if config.tie_word_embeddings else ())
     model.requires_grad_(False)
-    return model
+    return model.to(_TORCH_DTYPES[np.dtype(jax.tree.leaves(params)[0].dtype).name])
 
 
 def hf_bert(config: bert.BertConfig, params: Any) -> transformers.BertModel:
@@ -196,7 +201,7 @@ class TorchPeer:
                          batch["history_mask"])
         embedded = self.llm.get_input_embeddings()(batch["tokens"])
         at = self.insert_at
-        inputs = torch.cat([embedded[:, :at], soft, embedded[:, at:]], dim=1)
+        inputs = torch.cat([embedded[:, :at], soft.to(embedded.dtype), embedded[:, at:]], dim=1)
         mask = torch.cat([batch["mask"][:, :at], torch.ones(soft.shape[:2], dtype=torch.bool),
                           batch["mask"][:, at:]], dim=1)
         positions = (mask.long().cumsum(1) - 1).clamp_min(0)
@@ -247,7 +252,7 @@ class TorchDecodePeer:
         at, rows = self.insert_at, []
         for row, mask, row_soft in zip(embedded, batch["mask"], soft):
             real = row[mask]
-            rows.append(torch.cat([real[:at], row_soft, real[at:]]))
+            rows.append(torch.cat([real[:at], row_soft.to(real.dtype), real[at:]]))
         longest = max(len(row) for row in rows)
         inputs = embedded.new_zeros(len(rows), longest, embedded.shape[-1])
         attention = torch.zeros(len(rows), longest, dtype=torch.long)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from plug_jax import llm
-from plug_jax.models import assets, llama
+from plug_jax.models import assets, layers, llama
 from plug_jax.models.loading import CheckpointError
 from plug_jax.models.chat import ChatTemplate
 from plug_jax.models.tokenizer import Tokenizer
@@ -294,6 +294,39 @@ def test_smollm2_bfloat16_agrees_with_float32(smollm2, smollm2_chat):
     print(f"bfloat16 vs float32: max |logit difference| = {float(jnp.abs(half - full).max()):.2f}, "
           f"top-1 agreement {agreement:.2f}")
     assert agreement >= 0.9
+
+
+
+def _dot_count(jaxpr) -> int:
+    return sum(eqn.primitive.name == "dot_general" for eqn in jaxpr.eqns) + sum(
+        _dot_count(sub.jaxpr if isinstance(sub, jax.extend.core.ClosedJaxpr) else sub)
+        for eqn in jaxpr.eqns for param in eqn.params.values()
+        for sub in (param if isinstance(param, (tuple, list)) else (param,))
+        if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)))
+
+
+def test_low_precision_matmul_is_the_float32_product_and_skips_a_frozen_kernels_gradient():
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (4, 5, 64)).astype(jnp.bfloat16)
+    kernel = jax.random.normal(keys[1], (64, 32)).astype(jnp.bfloat16)
+    grad = jax.random.normal(keys[2], (4, 5, 32)).astype(jnp.bfloat16)
+    out, vjp = jax.vjp(layers.low_precision_matmul, x, kernel)
+    grad_x, grad_kernel = vjp(grad)
+    x32, kernel32, grad32 = (a.astype(jnp.float32) for a in (x, kernel, grad))
+    for ours, exact in ((out, x32 @ kernel32), (grad_x, grad32 @ kernel32.T),
+                        (grad_kernel, jnp.einsum("abk,abn->kn", x32, grad32))):
+        assert ours.dtype == jnp.bfloat16 and ours.shape == exact.shape
+        # the float32 sum rounded to bf16 once: within a bf16 ulp (sums may differ in order)
+        np.testing.assert_allclose(np.asarray(ours, np.float32), exact, rtol=2 ** -7, atol=1e-5)
+
+    def loss(x, kernel):
+        return layers.low_precision_matmul(x, kernel).astype(jnp.float32).sum()
+
+    # The forward dot, plus one per operand differentiated: a frozen kernel costs no matmul.
+    assert _dot_count(jax.make_jaxpr(jax.grad(loss))(x, kernel).jaxpr) == 2
+    assert _dot_count(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernel).jaxpr) == 3
+    with pytest.raises(TypeError, match="x is bfloat16, the kernel float32"):
+        layers.low_precision_matmul(x, kernel32)
 
 
 TEXTS = [

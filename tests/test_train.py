@@ -239,34 +239,39 @@ def test_a_nan_loss_stops_before_any_checkpoint_holds_it_and_logs_stay_quiet(tmp
     assert checkpoint.checkpoint_steps(workdir)[-1] == 6
 
 
-def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
-    """Output shapes of every dot_general in a jaxpr, its sub-jaxprs (scan, jit, remat) included."""
-    shapes = []
+def _dots(jaxpr) -> list:
+    """Every dot_general in a jaxpr, its sub-jaxprs (scan, jit, remat) included."""
+    dots = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
-            shapes.append(tuple(eqn.outvars[0].aval.shape))
+            dots.append(eqn)
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    shapes += _dot_output_shapes(sub.jaxpr)
+                    dots += _dots(sub.jaxpr)
                 elif isinstance(sub, jax.extend.core.Jaxpr):
-                    shapes += _dot_output_shapes(sub)
-    return shapes
+                    dots += _dots(sub)
+    return dots
 
 
-@pytest.mark.parametrize("remat_policy, dropout", [(None, 0.0),
-                                                    ("dots_with_no_batch_dims_saveable", 0.0),
-                                                    (None, 0.1)])
-def test_the_update_has_no_weight_gradient_dot_for_the_frozen_llm(remat_policy, dropout,
+def _dot_output_shapes_of(dots) -> list[tuple[int, ...]]:
+    return [tuple(eqn.outvars[0].aval.shape) for eqn in dots]
+
+
+@pytest.mark.parametrize("remat_policy, dropout, dtype", [
+    (None, 0.0, "float32"), ("dots_with_no_batch_dims_saveable", 0.0, "float32"),
+    (None, 0.1, "float32"), (None, 0.0, "bfloat16")])
+def test_the_update_has_no_weight_gradient_dot_for_the_frozen_llm(remat_policy, dropout, dtype,
                                                                   tmp_path):
     """A weight's gradient is a dot over batch and length whose output has the weight's shape;
     activations keep their batch axes. Shapes that only frozen LLM weights have must not be the
     output of any dot in the update, whereas differentiating the LLM too makes them. The LLM in
-    train mode (dropout) is as frozen."""
+    train mode (dropout) is as frozen. In bf16 every dot with a frozen weight multiplies bf16 by
+    bf16 into a float32 sum, the backward's too."""
     from plug_jax import experiment
     from plug_jax.data import pipeline
 
-    config = _tiny_config(llm__dropout=dropout, plug__dropout=dropout)
+    config = _tiny_config(llm__dropout=dropout, plug__dropout=dropout, llm__dtype=dtype)
     if remat_policy:
         config.llm.update(remat=True, remat_policy=remat_policy)
     exp = experiment.build(config, tmp_path, splits=(config.data.train_split,), progress=False)
@@ -284,15 +289,20 @@ def test_the_update_has_no_weight_gradient_dot_for_the_frozen_llm(remat_policy, 
     assert len(frozen_only) >= 3, frozen_only
     update = functools.partial(train.train_step, embedder=exp.embedder, llm=exp.llm,
                                optimizer=optimizer, accum_steps=1)
-    dots = _dot_output_shapes(jax.make_jaxpr(update)(state, exp.llm_params, batch).jaxpr)
-    assert dots and not [s for s in dots if s in frozen_only]
+    dots = _dots(jax.make_jaxpr(update)(state, exp.llm_params, batch).jaxpr)
+    assert dots and not [s for s in _dot_output_shapes_of(dots) if s in frozen_only]
+    with_frozen_weight = [eqn for eqn in dots
+                          if any(v.aval.shape in frozen_only for v in eqn.invars)]
+    assert len(with_frozen_weight) >= 2 * len(frozen_only)  # forward and backward
+    assert {v.aval.dtype.name for eqn in with_frozen_weight for v in eqn.invars} == {dtype}
+    assert {eqn.outvars[0].aval.dtype.name for eqn in with_frozen_weight} == {"float32"}
 
     def loss_of_both(plug_params, llm_params):
         return train.loss_fn(plug_params, llm_params, batch, embedder=exp.embedder,
                              llm=exp.llm)[0]
 
     both = jax.make_jaxpr(jax.grad(loss_of_both, argnums=(0, 1)))(params, exp.llm_params).jaxpr
-    assert [s for s in _dot_output_shapes(both) if s in frozen_only]
+    assert [s for s in _dot_output_shapes_of(_dots(both)) if s in frozen_only]
 
 
 def test_remat_policies_keep_the_gradient_and_a_wrong_name_is_refused(tmp_path):

@@ -41,10 +41,66 @@ def dense(features: int, axes: tuple[str, str], *, name: str | None = None, use_
           dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
           kernel_init: Any = nn.initializers.normal(0.02),
           bias_init: Any = nn.initializers.zeros) -> nn.Dense:
-    """An nn.Dense whose kernel (and bias) carry logical axis names."""
+    """An nn.Dense whose kernel (and bias) carry logical axis names; in bf16 or fp16 its matmuls
+    accumulate in float32 (`low_precision_matmul`)."""
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                    dot_general=(_low_precision_dot_general if _is_low_precision(dtype)
+                                 else jax.lax.dot_general),
                     kernel_init=nn.with_logical_partitioning(kernel_init, axes),
                     bias_init=nn.with_logical_partitioning(bias_init, axes[1:]))
+
+
+def attend(embed: nn.Embed, x: jax.Array) -> jax.Array:
+    """A tied LM head: `embed.attend`, through `low_precision_matmul` in bf16 or fp16."""
+    if not _is_low_precision(embed.dtype):
+        return embed.attend(x)
+    return low_precision_matmul(x.astype(embed.dtype), embed.embedding.astype(embed.dtype).T)
+
+
+def _is_low_precision(dtype: Dtype) -> bool:
+    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
+@jax.custom_vjp
+def low_precision_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., k] @ kernel [k, n], both bf16 (or fp16), accumulated in float32 forward and
+    backward. XLA:CPU on AVX512-BF16 (and TPUs, GPUs) multiplies bf16 at twice float32's rate
+    when the product is float32, while autodiff of such a dot hands its transpose a float32
+    cotangent and upcasts the kernel. Gradients are computed only for the operands being
+    differentiated: a frozen LLM's kernels get no weight-gradient matmul."""
+    if x.dtype != kernel.dtype:
+        raise TypeError(f"low_precision_matmul: x is {x.dtype}, the kernel {kernel.dtype}")
+    return _accumulated("...k,kn->...n", x, kernel)
+
+
+def _accumulated(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def _low_precision_matmul_fwd(x, kernel):
+    # Each operand is kept only for the other's gradient: None says that one is not wanted.
+    return (low_precision_matmul(x.value, kernel.value),
+            (kernel.value if x.perturbed else None, x.value if kernel.perturbed else None))
+
+
+def _low_precision_matmul_bwd(residuals, grad):
+    kernel, x = residuals
+    if isinstance(grad, jax.custom_derivatives.SymbolicZero):
+        return None, None
+    return (None if kernel is None else _accumulated("...n,kn->...k", grad, kernel),
+            None if x is None else _accumulated("...k,...n->kn", x, grad))
+
+
+low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd,
+                            symbolic_zeros=True)
+
+
+def _low_precision_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                               preferred_element_type=None):
+    """nn.Dense's dot_general (the input's last axis against the kernel's first), after Dense
+    has cast both to its dtype, as `low_precision_matmul`."""
+    assert dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())), dimension_numbers
+    return low_precision_matmul(lhs, rhs)
 
 
 def mask_to_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:

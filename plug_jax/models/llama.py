@@ -321,7 +321,7 @@ class Llama(nn.Module):
             x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
 
         if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
+            logits = layers.attend(embed, x)
         else:
             logits = layers.dense(cfg.vocab_size, ("embed", "vocab"), dtype=self.dtype,
                                   param_dtype=self.param_dtype, name="lm_head",
