@@ -305,29 +305,33 @@ def _dot_count(jaxpr) -> int:
         if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)))
 
 
-def test_low_precision_matmul_is_the_float32_product_and_skips_a_frozen_kernels_gradient():
+@pytest.mark.parametrize("spec, a_shape, b_shape", [
+    ("...k,kn->...n", (4, 5, 64), (64, 32)),                   # Dense, the tied LM head
+    ("bqkgd,bskd->bkgqs", (2, 7, 3, 2, 16), (2, 9, 3, 16)),    # attention logits
+    ("bkgqs,bskd->bqkgd", (2, 3, 2, 7, 9), (2, 9, 3, 16))])    # attention-weighted values
+def test_low_precision_einsum_is_the_float32_product_and_skips_a_frozen_operands_gradient(
+        spec, a_shape, b_shape):
     keys = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(keys[0], (4, 5, 64)).astype(jnp.bfloat16)
-    kernel = jax.random.normal(keys[1], (64, 32)).astype(jnp.bfloat16)
-    grad = jax.random.normal(keys[2], (4, 5, 32)).astype(jnp.bfloat16)
-    out, vjp = jax.vjp(layers.low_precision_matmul, x, kernel)
-    grad_x, grad_kernel = vjp(grad)
-    x32, kernel32, grad32 = (a.astype(jnp.float32) for a in (x, kernel, grad))
-    for ours, exact in ((out, x32 @ kernel32), (grad_x, grad32 @ kernel32.T),
-                        (grad_kernel, jnp.einsum("abk,abn->kn", x32, grad32))):
-        assert ours.dtype == jnp.bfloat16 and ours.shape == exact.shape
+    a = jax.random.normal(keys[0], a_shape).astype(jnp.bfloat16)
+    b = jax.random.normal(keys[1], b_shape).astype(jnp.bfloat16)
+    out, vjp = jax.vjp(functools.partial(layers.low_precision_einsum, spec), a, b)
+    grad = jax.random.normal(keys[2], out.shape).astype(jnp.bfloat16)
+    exact, exact_vjp = jax.vjp(functools.partial(jnp.einsum, spec), a.astype(jnp.float32),
+                               b.astype(jnp.float32))
+    for ours, reference in zip((out, *vjp(grad)), (exact, *exact_vjp(grad.astype(jnp.float32)))):
+        assert ours.dtype == jnp.bfloat16 and ours.shape == reference.shape
         # the float32 sum rounded to bf16 once: within a bf16 ulp (sums may differ in order)
-        np.testing.assert_allclose(np.asarray(ours, np.float32), exact, rtol=2 ** -7, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(ours, np.float32), reference, rtol=2 ** -7,
+                                   atol=1e-5)
 
-    def loss(x, kernel):
-        return layers.low_precision_matmul(x, kernel).astype(jnp.float32).sum()
+    def loss(a, b):
+        return layers.low_precision_einsum(spec, a, b).astype(jnp.float32).sum()
 
-    # The forward dot, plus one per operand differentiated: a frozen kernel costs no matmul.
-    assert _dot_count(jax.make_jaxpr(jax.grad(loss))(x, kernel).jaxpr) == 2
-    assert _dot_count(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernel).jaxpr) == 3
-    with pytest.raises(TypeError, match="x is bfloat16, the kernel float32"):
-        layers.low_precision_matmul(x, kernel32)
-
+    # The forward product, plus one per operand differentiated: a frozen kernel costs none.
+    assert _dot_count(jax.make_jaxpr(jax.grad(loss))(a, b).jaxpr) == 2
+    assert _dot_count(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(a, b).jaxpr) == 3
+    with pytest.raises(TypeError, match="operands of bfloat16 and float32"):
+        layers.low_precision_einsum(spec, a, b.astype(jnp.float32))
 
 TEXTS = [
         "Hello world!",

@@ -9,6 +9,7 @@ Activation names: "batch", "length", "embed", "mlp", "heads", "kv", "vocab".
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -61,37 +62,45 @@ def _is_low_precision(dtype: Dtype) -> bool:
     return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def low_precision_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """jnp.einsum(spec, a, b) of two bf16 (or fp16) operands, summed in float32 and rounded to
+    their dtype once, forward and backward. XLA:CPU on AVX512-BF16 (and TPUs, GPUs) multiplies
+    bf16 at twice float32's rate when the sum is float32, while autodiff of such a product
+    hands its transpose a float32 cotangent and upcasts the other operand. Gradients are
+    computed only for the operands being differentiated: a frozen LLM's kernels get no
+    weight-gradient matmul. Every index of `spec` must appear in two of its three terms."""
+    if a.dtype != b.dtype:
+        raise TypeError(f"low_precision_einsum: operands of {a.dtype} and {b.dtype}")
+    return _summed_in_float32(spec, a, b)
+
+
 def low_precision_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [..., k] @ kernel [k, n], both bf16 (or fp16), accumulated in float32 forward and
-    backward. XLA:CPU on AVX512-BF16 (and TPUs, GPUs) multiplies bf16 at twice float32's rate
-    when the product is float32, while autodiff of such a dot hands its transpose a float32
-    cotangent and upcasts the kernel. Gradients are computed only for the operands being
-    differentiated: a frozen LLM's kernels get no weight-gradient matmul."""
-    if x.dtype != kernel.dtype:
-        raise TypeError(f"low_precision_matmul: x is {x.dtype}, the kernel {kernel.dtype}")
-    return _accumulated("...k,kn->...n", x, kernel)
+    """x [..., k] @ kernel [k, n] as `low_precision_einsum`."""
+    return low_precision_einsum("...k,kn->...n", x, kernel)
 
 
-def _accumulated(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+def _summed_in_float32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
-def _low_precision_matmul_fwd(x, kernel):
+def _low_precision_einsum_fwd(spec, a, b):
     # Each operand is kept only for the other's gradient: None says that one is not wanted.
-    return (low_precision_matmul(x.value, kernel.value),
-            (kernel.value if x.perturbed else None, x.value if kernel.perturbed else None))
+    return (low_precision_einsum(spec, a.value, b.value),
+            (b.value if a.perturbed else None, a.value if b.perturbed else None))
 
 
-def _low_precision_matmul_bwd(residuals, grad):
-    kernel, x = residuals
+def _low_precision_einsum_bwd(spec, residuals, grad):
+    b, a = residuals
     if isinstance(grad, jax.custom_derivatives.SymbolicZero):
         return None, None
-    return (None if kernel is None else _accumulated("...n,kn->...k", grad, kernel),
-            None if x is None else _accumulated("...k,...n->kn", x, grad))
+    inputs, out = spec.split("->")
+    a_spec, b_spec = inputs.split(",")
+    return (None if b is None else _summed_in_float32(f"{out},{b_spec}->{a_spec}", grad, b),
+            None if a is None else _summed_in_float32(f"{a_spec},{out}->{b_spec}", a, grad))
 
 
-low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd,
+low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd,
                             symbolic_zeros=True)
 
 
@@ -150,15 +159,16 @@ def _einsum_attention(q, k, v, bias, scale: float, weights_dropout=None):
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
+    product = low_precision_einsum if _is_low_precision(q.dtype) else jnp.einsum
     q = q.reshape(batch, q_len, kv_heads, group, head_dim) * scale
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32)
+    logits = product("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32)
     # bias heads axis is 1 (a mask) or `heads` (T5's relative position bias).
     bias_heads = (1, 1) if bias.shape[1] == 1 else (kv_heads, group)
     logits = logits + bias.reshape(bias.shape[0], *bias_heads, *bias.shape[-2:])
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     if weights_dropout is not None:
         weights = weights_dropout(weights)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
+    out = product("bkgqs,bskd->bqkgd", weights, v)
     return out.reshape(batch, q_len, heads, head_dim)
 
 
