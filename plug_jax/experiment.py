@@ -59,7 +59,9 @@ class Experiment:
 
     def abstract_plug_params(self) -> tuple[Any, Any]:
         """(ShapeDtypeStructs, logical PartitionSpecs) of the plug parameters."""
-        return sharding.abstract_with_axes(self._init_plug, jax.random.key(0))
+        # The key itself abstract: under `plan --compiler tpu` the default devices are
+        # compile-only TPUs, which cannot hold a concrete array.
+        return sharding.abstract_with_axes(self._init_plug, jax.eval_shape(jax.random.key, 0))
 
     def plug_shardings(self, mesh) -> Any:
         """NamedShardings of the plug parameters, from their logical axis names."""

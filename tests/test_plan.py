@@ -182,6 +182,23 @@ def tiny_plan_and_real_compile(out: str) -> None:
     }))
 
 
+def test_abstract_plug_params_move_nothing_to_a_device():
+    """`plan --compiler tpu` builds on compile-only TPU devices, which hold no concrete array:
+    the abstract plug must come from shapes alone, its random key too."""
+    import jax
+
+    from plug_jax import cli, experiment
+
+    exp = experiment.build(cli.load_config("configs/lamp3.py:tiny"), abstract=True, splits=(),
+                           progress=False)
+    with jax.transfer_guard("disallow"):
+        params, axes = exp.abstract_plug_params()
+    leaves = jax.tree.leaves(params)
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    assert jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+                              ).num_leaves == len(leaves)
+
+
 def test_tiny_plan_agrees_with_a_real_compile(tmp_path):
     out = tmp_path / "tiny.json"
     run_module(__file__, "tiny", str(out), timeout=600)
