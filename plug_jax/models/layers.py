@@ -42,32 +42,35 @@ def dense(features: int, axes: tuple[str, str], *, name: str | None = None, use_
           dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
           kernel_init: Any = nn.initializers.normal(0.02),
           bias_init: Any = nn.initializers.zeros) -> nn.Dense:
-    """An nn.Dense whose kernel (and bias) carry logical axis names; in bf16 or fp16 its matmuls
-    accumulate in float32 (`low_precision_matmul`)."""
+    """An nn.Dense whose kernel (and bias) carry logical axis names; in bf16 or fp16 on a CPU its
+    matmuls sum in float32 (`low_precision_matmul`)."""
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                    dot_general=(_low_precision_dot_general if _is_low_precision(dtype)
+                    dot_general=(_low_precision_dot_general if _sums_in_float32_by_hand(dtype)
                                  else jax.lax.dot_general),
                     kernel_init=nn.with_logical_partitioning(kernel_init, axes),
                     bias_init=nn.with_logical_partitioning(bias_init, axes[1:]))
 
 
 def attend(embed: nn.Embed, x: jax.Array) -> jax.Array:
-    """A tied LM head: `embed.attend`, through `low_precision_matmul` in bf16 or fp16."""
-    if not _is_low_precision(embed.dtype):
+    """A tied LM head: `embed.attend`, through `low_precision_matmul` in bf16 or fp16 on a CPU."""
+    if not _sums_in_float32_by_hand(embed.dtype):
         return embed.attend(x)
     return low_precision_matmul(x.astype(embed.dtype), embed.embedding.astype(embed.dtype).T)
 
 
-def _is_low_precision(dtype: Dtype) -> bool:
-    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+def _sums_in_float32_by_hand(dtype: Dtype) -> bool:
+    """bf16 or fp16 traced for a CPU: XLA:CPU sums their products in float32 (at twice float32's
+    rate on AVX512-BF16) only when asked. TPUs and GPUs always do, and XLA:TPU plans more memory
+    for the explicit float32 sums (17.3 GiB against 6.3 on v5e-16 for the paper's step)."""
+    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "cpu"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def low_precision_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """jnp.einsum(spec, a, b) of two bf16 (or fp16) operands, summed in float32 and rounded to
-    their dtype once, forward and backward. XLA:CPU on AVX512-BF16 (and TPUs, GPUs) multiplies
-    bf16 at twice float32's rate when the sum is float32, while autodiff of such a product
-    hands its transpose a float32 cotangent and upcasts the other operand. Gradients are
+    their dtype once, forward and backward. XLA:CPU on AVX512-BF16 multiplies bf16 at twice
+    float32's rate when the sum is float32, while autodiff of such a product hands its
+    transpose a float32 cotangent and upcasts the other operand. Gradients are
     computed only for the operands being differentiated: a frozen LLM's kernels get no
     weight-gradient matmul. Every index of `spec` must appear in two of its three terms."""
     if a.dtype != b.dtype:
@@ -159,7 +162,7 @@ def _einsum_attention(q, k, v, bias, scale: float, weights_dropout=None):
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
-    product = low_precision_einsum if _is_low_precision(q.dtype) else jnp.einsum
+    product = low_precision_einsum if _sums_in_float32_by_hand(q.dtype) else jnp.einsum
     q = q.reshape(batch, q_len, kv_heads, group, head_dim) * scale
     logits = product("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32)
     # bias heads axis is 1 (a mask) or `heads` (T5's relative position bias).
