@@ -91,7 +91,7 @@ def lamp_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
     config.llm = dict(
         path="smollm2",            # 'smollm2' (embedded GGUF), an HF directory, or a .gguf file
         dtype="float32",           # compute / storage dtype of the frozen LLM; 'bfloat16' sums its
-                                   # products in float32: 0.69x the update on an AVX512-BF16 CPU (README)
+                                   # products in float32 on a CPU: 0.68x the update with AVX512-BF16 (README)
         soft_token_position="after_chat_header",  # or 'start' (a decoder-only LLM ignores it there)
         remat=False,               # recompute each layer in the backward pass: less memory, more FLOPs
         remat_policy="",           # what remat keeps: '' nothing | 'dots_with_no_batch_dims_saveable' ...

@@ -296,7 +296,6 @@ def test_smollm2_bfloat16_agrees_with_float32(smollm2, smollm2_chat):
     assert agreement >= 0.9
 
 
-
 def _dot_count(jaxpr) -> int:
     return sum(eqn.primitive.name == "dot_general" for eqn in jaxpr.eqns) + sum(
         _dot_count(sub.jaxpr if isinstance(sub, jax.extend.core.ClosedJaxpr) else sub)
@@ -332,6 +331,7 @@ def test_low_precision_einsum_is_the_float32_product_and_skips_a_frozen_operands
     assert _dot_count(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(a, b).jaxpr) == 3
     with pytest.raises(TypeError, match="operands of bfloat16 and float32"):
         layers.low_precision_einsum(spec, a, b.astype(jnp.float32))
+
 
 TEXTS = [
         "Hello world!",
